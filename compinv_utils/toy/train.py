@@ -1,0 +1,430 @@
+"""Rebuild every weight of the toy world from scratch.
+
+    python -m compinv_utils.toy.train --out data/toy            # the committed world
+    python -m compinv_utils.toy.train --out /tmp/w --profile smoke   # a 1-minute check of the code path
+
+Stages: tokenizer, rendered data set, VAE, CLIP (saved), detector (saved), UNet (its EMA saved
+every 1,000 steps while it trains), and the assembled ``StableDiffusionPipeline``. Every random choice is seeded, so a rerun on the same device and
+library versions rebuilds the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import multiprocessing as mp
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import render
+from .models import IMAGE_SIZE, ToyDetector, make_clip, make_sample_scheduler, make_train_scheduler, make_unet, make_vae
+from .tokenizer import build_tokenizer
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation, as in SD's feature extractor
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    n_scenes: int = 60_000  # rendered training scenes (seeds 0..n-1; held-out pairs never appear)
+    vae_steps: int = 2_500  # AutoencoderKL steps
+    vae_batch: int = 128
+    clip_steps: int = 3_000  # contrastive CLIP steps
+    clip_batch: int = 512
+    unet_steps: int = 9_000  # UNet denoising steps
+    unet_batch: int = 256
+    unet_lr: float = 4e-4
+    unet_warmup: int = 500  # linear warm-up steps, then cosine decay to 0
+    cfg_dropout: float = 0.1  # probability that a caption is replaced by "" (classifier-free guidance)
+    ema_decay: float = 0.999
+    unet_checkpoint_every: int = 1000  # steps between saves of the EMA weights (unet_ema_partial/)
+    det_steps: int = 2_500  # detector steps
+    det_batch: int = 256
+    seed: int = 0
+
+
+PROFILES = {
+    "full": TrainConfig(),
+    # Continue the UNet stage on a CPU from a checkpoint (--stages unet --init-unet DIR).
+    "cpu-unet": TrainConfig(n_scenes=30_000, unet_steps=1_800, unet_batch=64, unet_lr=2e-4, unet_warmup=50,
+                            ema_decay=0.998, unet_checkpoint_every=200),
+    "smoke": TrainConfig(n_scenes=512, vae_steps=4, vae_batch=16, clip_steps=4, clip_batch=16, unet_steps=4,
+                         unet_batch=16, det_steps=4, det_batch=16),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def _render_one(seed: int):
+    scene = render.sample_scene(seed)
+    img, boxes = render.draw_scene(scene)
+    return scene, np.asarray(img), boxes
+
+
+def render_dataset(n: int, workers: int) -> dict:
+    """Render scenes 0..n-1: ``images`` (n, 32, 32, 3) uint8, ``labels`` (n, 2) noun index or -1,
+    ``boxes`` (n, 2, 4) in [0, 1], and the ``scenes`` themselves (for captions)."""
+    nouns = sorted(render.NOUNS)
+    images = np.zeros((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    labels = -np.ones((n, 2), np.int64)
+    boxes = np.zeros((n, 2, 4), np.float32)
+    scenes = []
+    with mp.get_context("fork").Pool(workers) as pool:
+        it = pool.imap(_render_one, range(n), chunksize=256)
+        for i, (scene, img, bx) in enumerate(tqdm(it, total=n, desc="render scenes")):
+            scenes.append(scene)
+            images[i] = img
+            for j, (noun, box) in enumerate(bx):
+                labels[i, j] = nouns.index(noun)
+                boxes[i, j] = box
+    return dict(images=images, labels=labels, boxes=boxes, scenes=scenes)
+
+
+def captions_for(scenes, idx: np.ndarray, rng: np.random.Generator, dropout: float = 0.0) -> list[str]:
+    return ["" if dropout and rng.random() < dropout else render.caption(scenes[i], rng) for i in idx]
+
+
+class CaptionTokenizer:
+    """Fast ids for toy captions: every caption word is one token, so a lookup replaces BPE.
+
+    Gives exactly ``tokenizer(texts, padding="max_length", max_length=77, truncation=True).input_ids``
+    (a test checks it); a word outside the toy vocabulary falls back to the tokenizer itself.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.length = tokenizer.model_max_length
+        self.words = {w: tokenizer.convert_tokens_to_ids(w + "</w>") for w in render.caption_words()}
+
+    def __call__(self, texts: list[str], device) -> torch.Tensor:
+        tok = self.tokenizer
+        out = np.full((len(texts), self.length), tok.pad_token_id, dtype=np.int64)
+        for i, text in enumerate(texts):
+            words = text.split()
+            if all(w in self.words for w in words):
+                ids = [tok.bos_token_id] + [self.words[w] for w in words][: self.length - 2] + [tok.eos_token_id]
+            else:
+                ids = tok(text, truncation=True, max_length=self.length).input_ids
+            out[i, : len(ids)] = ids
+        return torch.from_numpy(out).to(device)
+
+
+def to_unit(images_u8: np.ndarray, device) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [0, 1]."""
+    return torch.from_numpy(images_u8).to(device).permute(0, 3, 1, 2).float() / 255
+
+
+def clip_normalise(x01: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(CLIP_MEAN, device=x01.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x01.device).view(1, 3, 1, 1)
+    return (x01 - mean) / std
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _optimiser(params, lr: float, total: int, warmup: int):
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, total, warmup))
+    return opt, sched
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------
+
+
+def train_vae(data, cfg: TrainConfig, device, log):
+    torch.manual_seed(cfg.seed + 1)
+    gen = np.random.default_rng(cfg.seed + 1)
+    vae = make_vae().to(device).train()
+    opt, sched = _optimiser(vae.parameters(), 1e-3, cfg.vae_steps, min(200, cfg.vae_steps // 10 + 1))
+    bar = tqdm(range(cfg.vae_steps), desc="VAE")
+    for step in bar:
+        x = to_unit(data["images"][gen.integers(0, len(data["images"]), cfg.vae_batch)], device) * 2 - 1
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        mse = F.mse_loss(rec, x)
+        loss = mse + 0.5 * F.l1_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            bar.set_postfix(mse=f"{mse.item():.4f}")
+    log["vae_final_mse"] = mse.item()
+    vae.eval()
+    lats = encode_dataset(vae, data, device, recon=False)
+    scale = 1.0 / lats.std().item()
+    vae.register_to_config(scaling_factor=scale)
+    log["vae_scaling_factor"] = scale
+    return vae
+
+
+def encode_dataset(vae, data, device, recon: bool = True) -> torch.Tensor:
+    """Posterior-mean latents of every image (scaled by the VAE's scaling factor into ``data["latents"]``)
+    and, with ``recon``, their decoded reconstructions (``data["recon"]``). Returns the unscaled latents."""
+    lats, recs = [], []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(data["images"]), 1024), desc="encode data set"):
+            x = to_unit(data["images"][i:i + 1024], device).to(vae.dtype) * 2 - 1
+            z = vae.encode(x).latent_dist.mode()
+            lats.append(z.float().cpu())
+            if recon:
+                recs.append(((vae.decode(z).sample.float().clamp(-1, 1) + 1) * 127.5).round().byte()
+                            .permute(0, 2, 3, 1).cpu())
+    lats = torch.cat(lats)
+    data["latents"] = lats * vae.config.scaling_factor
+    if recon:
+        data["recon"] = torch.cat(recs).numpy()
+    return lats
+
+
+def _pick_images(data, idx, gen, device) -> torch.Tensor:
+    """Rendered images, or with probability 1/2 their VAE reconstructions (as generated images look)."""
+    raw = data["images"][idx]
+    rec = data["recon"][idx]
+    use_rec = gen.random(len(idx)) < 0.5
+    return to_unit(np.where(use_rec[:, None, None, None], rec, raw), device)
+
+
+def train_clip(data, tokenizer, cfg: TrainConfig, device, log):
+    torch.manual_seed(cfg.seed + 2)
+    gen = np.random.default_rng(cfg.seed + 2)
+    clip = make_clip(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id).to(device).train()
+    tokenize = CaptionTokenizer(tokenizer)
+    opt, sched = _optimiser(clip.parameters(), 5e-4, cfg.clip_steps, min(300, cfg.clip_steps // 10 + 1))
+    bar = tqdm(range(cfg.clip_steps), desc="CLIP")
+    for step in bar:
+        idx = gen.choice(len(data["images"]), cfg.clip_batch, replace=False)
+        px = clip_normalise(_pick_images(data, idx, gen, device))
+        ids = tokenize(captions_for(data["scenes"], idx, gen), device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = clip(input_ids=ids, pixel_values=px, return_loss=True).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    log["clip_final_loss"] = loss.item()
+    return clip.eval()
+
+
+def text_tower(clip):
+    """The CLIP text tower as a standalone ``CLIPTextModel`` (the pipeline's frozen text encoder)."""
+    from transformers import CLIPTextModel
+
+    te = CLIPTextModel(clip.config.text_config)
+    state = {k[len("text_model."):]: v for k, v in clip.state_dict().items() if k.startswith("text_model.")}
+    missing, unexpected = te.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if "position_ids" not in m]:
+        te_keys = set(te.state_dict())
+        state = {("text_model." + k if "text_model." + k in te_keys else k): v for k, v in state.items()}
+        te.load_state_dict(state, strict=True)
+    return te.to(next(clip.parameters()).device).eval().requires_grad_(False)
+
+
+def train_unet(data, tokenizer, text_encoder, cfg: TrainConfig, device, log, ckpt_dir: Path, init: Path | None = None):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(cfg.seed + 3)
+    gen = np.random.default_rng(cfg.seed + 3)
+    unet = (UNet2DConditionModel.from_pretrained(init, dtype=torch.float32) if init else make_unet()).to(device).train()
+    tokenize = CaptionTokenizer(tokenizer)
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    noise_sched = make_train_scheduler()
+    alphas = noise_sched.alphas_cumprod.to(device)
+    opt, sched = _optimiser(unet.parameters(), cfg.unet_lr, cfg.unet_steps, min(cfg.unet_warmup, cfg.unet_steps // 10 + 1))
+    lats = data["latents"].to(device)
+    bar = tqdm(range(cfg.unet_steps), desc="UNet")
+    for step in bar:
+        idx = gen.integers(0, len(lats), cfg.unet_batch)
+        ids = tokenize(captions_for(data["scenes"], idx, gen, cfg.cfg_dropout), device)
+        z0 = lats[torch.from_numpy(idx).to(device)]
+        noise = torch.randn_like(z0)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(z0),), device=device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        with torch.no_grad():
+            cond = text_encoder(ids)[0]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            pred = unet(zt, t, cond).sample
+        loss = F.mse_loss(pred.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - decay)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % cfg.unet_checkpoint_every == 0 and step + 1 < cfg.unet_steps:
+            ema.save_pretrained(ckpt_dir / "unet_ema_partial")
+            (ckpt_dir / "unet_ema_partial" / "step.txt").write_text(str(step + 1))
+    log["unet_final_loss"] = loss.item()
+    return ema
+
+
+def train_detector(data, cfg: TrainConfig, device, log):
+    torch.manual_seed(cfg.seed + 4)
+    gen = np.random.default_rng(cfg.seed + 4)
+    nouns = sorted(render.NOUNS)
+    det = ToyDetector(nouns, width=32).to(device).train()
+    opt, sched = _optimiser(det.parameters(), 1e-3, cfg.det_steps, min(200, cfg.det_steps // 10 + 1))
+    labels = torch.from_numpy(data["labels"]).to(device)
+    boxes = torch.from_numpy(data["boxes"]).to(device)
+    bar = tqdm(range(cfg.det_steps), desc="detector")
+    for step in bar:
+        idx = gen.integers(0, len(labels), cfg.det_batch)
+        x = _pick_images(data, idx, gen, device)
+        x = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
+        ti = torch.from_numpy(idx).to(device)
+        lab, bx = labels[ti], boxes[ti]
+        present = torch.zeros(len(idx), len(nouns), device=device)
+        target = torch.zeros(len(idx), len(nouns), 4, device=device)
+        for j in range(2):
+            ok = lab[:, j] >= 0
+            rows = torch.nonzero(ok).squeeze(1)
+            present[rows, lab[rows, j]] = 1
+            target[rows, lab[rows, j]] = bx[rows, j]
+        logits, pred = det(x)
+        box_loss = ((pred - target).abs().sum(-1) * present).sum() / present.sum().clamp(min=1)
+        loss = F.binary_cross_entropy_with_logits(logits, present) + 5 * box_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    log["detector_final_loss"] = loss.item()
+    return det.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+
+def _half_copy(model):
+    return copy.deepcopy(model).to("cpu", torch.float16)
+
+
+STAGES = ("vae", "clip", "detector", "unet")
+
+
+def build_world(out: Path, cfg: TrainConfig, device: torch.device, workers: int, stages=STAGES,
+                init_unet: Path | None = None) -> dict:
+    """Run the given stages, load the others from ``out``, and write the world there; returns the log."""
+    import shutil
+
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    log: dict = {"config": asdict(cfg), "device": str(device), "torch": torch.__version__, "stages": list(stages),
+                 "init_unet": str(init_unet) if init_unet else None, "stages_s": {}}
+    t0 = time.time()
+
+    def stage(name):
+        log["stages_s"][name] = round(time.time() - t0 - sum(log["stages_s"].values()), 1)
+
+    def load_part(cls, *names):
+        for name in names:
+            if (out / name).exists():
+                return cls.from_pretrained(out / name, dtype=torch.float32).to(device).eval()
+        raise FileNotFoundError(f"stage output {names[0]} is missing from {out}: run that stage too")
+
+    tokenizer = build_tokenizer(render.caption_words())
+    stage("tokenizer")
+    data = render_dataset(cfg.n_scenes, workers)
+    stage("render")
+    if "vae" in stages:
+        vae = train_vae(data, cfg, device, log)
+        _half_copy(vae).save_pretrained(out / "vae_stage")
+    else:
+        vae = load_part(AutoencoderKL, "vae_stage", "pipeline/vae")
+    encode_dataset(vae, data, device, recon="clip" in stages or "detector" in stages)
+    stage("vae")
+    if "clip" in stages:
+        clip = train_clip(data, tokenizer, cfg, device, log)
+        clip_dir = out / "clip"
+        _half_copy(clip).save_pretrained(clip_dir)
+        CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                           image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(clip_dir)
+        tokenizer.save_pretrained(clip_dir)
+    else:
+        clip = load_part(CLIPModel, "clip")
+    stage("clip")
+    if "detector" in stages:
+        det = train_detector(data, cfg, device, log)
+        det.to("cpu").save_pretrained(out / "detector")
+    stage("detector")
+    text_encoder = text_tower(clip)
+    if "unet" in stages:
+        unet = train_unet(data, tokenizer, text_encoder, cfg, device, log, out, init_unet)
+    else:
+        unet = load_part(UNet2DConditionModel, "pipeline/unet")
+    stage("unet")
+    pipe = StableDiffusionPipeline(vae=_half_copy(vae), text_encoder=_half_copy(text_encoder), tokenizer=tokenizer,
+                                   unet=_half_copy(unet), scheduler=make_sample_scheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out / "pipeline")
+    for leftover in ("unet_ema_partial", "vae_stage"):
+        if (out / leftover).exists():
+            shutil.rmtree(out / leftover)
+    log["total_s"] = round(time.time() - t0, 1)
+    log_path = out / "training_log.json"
+    runs = json.loads(log_path.read_text()) if log_path.exists() else []
+    log_path.write_text(json.dumps(runs + [log], indent=2))
+    return log
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="data/toy", help="folder to write the world to")
+    p.add_argument("--profile", default="full", choices=sorted(PROFILES), help="sizes: full, or smoke for a quick check")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes that render the data set")
+    p.add_argument("--unet-steps", type=int, default=None, help="override the profile's UNet steps")
+    p.add_argument("--stages", default=",".join(STAGES), help="stages to train; the others are loaded from --out")
+    p.add_argument("--init-unet", default=None, help="start the UNet stage from this saved UNet instead of scratch")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    cfg = PROFILES[args.profile]
+    if args.unet_steps is not None:
+        cfg = replace(cfg, unet_steps=args.unet_steps)
+    stages = [x for x in args.stages.split(",") if x]
+    unknown = [x for x in stages if x not in STAGES]
+    if unknown:
+        p.error(f"unknown stage(s) {unknown}; the stages are {', '.join(STAGES)}")
+    log = build_world(Path(args.out), cfg, device, args.workers, stages, Path(args.init_unet) if args.init_unet else None)
+    print(json.dumps(log, indent=2))
+
+
+if __name__ == "__main__":
+    main()

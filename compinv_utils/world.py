@@ -1,0 +1,312 @@
+"""Worlds: a Stable Diffusion pipeline plus everything that measures it.
+
+``load_world("toy")`` loads the embedded toy world from ``data/toy`` (offline, CPU, seconds);
+``load_world("sd15")`` loads Stable Diffusion 1.5, a hub CLIP and DETR (GPU and hub access).
+Both return a :class:`World`; helpers take a world and never ask which one it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TOY_DIR = Path(os.environ.get("COMPINV_TOY_DIR", REPO_ROOT / "data" / "toy"))
+WORLDS = ("toy", "sd15")
+
+SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SD15_CLIP_ID = "openai/clip-vit-large-patch14"
+SD15_DETR_ID, SD15_DETR_REVISION = "facebook/detr-resnet-101", "no_timm"
+
+COCO_NOUNS = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
+    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush",
+)
+
+Detection = tuple[str, tuple[float, float, float, float], float]  # (label, (x0, y0, x1, y1) in [0, 1], score)
+
+
+@dataclass
+class ConceptOfInterest:
+    """A user's concept: its name, placeholder token, superclass word and photos."""
+
+    name: str
+    token: str  # the placeholder pseudo-word, e.g. "<mochi>"
+    superclass: str  # the word it is a kind of, e.g. "cat"
+    photos: list[Image.Image]
+
+
+@dataclass
+class World:
+    """A Stable Diffusion pipeline and what measures it. Build with :func:`load_world`."""
+
+    name: str
+    pipe: object  # diffusers.StableDiffusionPipeline
+    concepts: list[str]  # the noun vocabulary: the "core distribution" of composable words
+    concepts_of_interest: list[ConceptOfInterest]
+    clip_model: object  # transformers.CLIPModel for the alignment metrics
+    clip_tokenizer: object
+    clip_processor: object
+    detector: Callable[[list[Image.Image], float], list[list[Detection]]]
+    device: torch.device
+    dtype: torch.dtype
+    guidance_scale: float = 7.5  # classifier-free guidance used by default
+    num_inference_steps: int = 25
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def image_size(self) -> int:
+        """Side of generated images in pixels (32 in the toy world, 512 in SD 1.5)."""
+        return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+
+    @property
+    def latent_size(self) -> int:
+        return self.pipe.unet.config.sample_size
+
+    def concept(self, name: str) -> ConceptOfInterest:
+        for c in self.concepts_of_interest:
+            if name in (c.name, c.token):
+                return c
+        raise KeyError(f"no concept of interest {name!r}; this world has {[c.name for c in self.concepts_of_interest]}")
+
+    def check_nouns(self, nouns: Sequence[str]) -> list[str]:
+        nouns = [nouns] if isinstance(nouns, str) else list(nouns)
+        unknown = [n for n in nouns if n not in self.concepts]
+        if unknown:
+            raise ValueError(f"unknown noun(s) {unknown}; the {self.name} world's nouns are: {', '.join(self.concepts)}")
+        return nouns
+
+    # -- measuring -------------------------------------------------------------------------------
+
+    def detect(self, images: Sequence[Image.Image], threshold: float = 0.5) -> list[list[Detection]]:
+        """Per image, the detections ``(label, (x0, y0, x1, y1), score)`` with score >= threshold."""
+        return self.detector(list(images), threshold)
+
+    @torch.no_grad()
+    def text_features(self, texts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised CLIP text features, ``(N, D)`` float32 on the CPU."""
+        ids = self.clip_tokenizer(list(texts), padding="max_length", truncation=True,
+                                  max_length=self.clip_tokenizer.model_max_length, return_tensors="pt")
+        out = self.clip_model.get_text_features(input_ids=ids.input_ids.to(self.device))
+        return _normalised(out)
+
+    @torch.no_grad()
+    def image_features(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """L2-normalised CLIP image features, ``(N, D)`` float32 on the CPU."""
+        px = self.clip_processor(images=[im.convert("RGB") for im in images], return_tensors="pt").pixel_values
+        out = self.clip_model.get_image_features(pixel_values=px.to(self.device, self.clip_model.dtype))
+        return _normalised(out)
+
+    # -- generating ------------------------------------------------------------------------------
+
+    def generators(self, seed: int, n: int) -> list[torch.Generator]:
+        """One generator per image (seed, seed + 1, ...), so an image does not depend on batch size."""
+        dev = "cpu" if self.device.type == "mps" else self.device
+        return [torch.Generator(dev).manual_seed(seed + i) for i in range(n)]
+
+    def generate(self, prompts: str | Sequence[str], seed: int = 0, batch_size: int = 16, **kwargs) -> list[Image.Image]:
+        """Images for the prompts with the world's defaults (25 DDIM steps, its guidance scale).
+
+        Image ``i`` uses seed ``seed + i``. Extra kwargs go to the pipeline call.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        kwargs.setdefault("num_inference_steps", self.num_inference_steps)
+        kwargs.setdefault("guidance_scale", self.guidance_scale)
+        images = []
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
+            out = self.pipe(chunk, generator=self.generators(seed + i, len(chunk)), **kwargs)
+            images.extend(out.images)
+        return images
+
+
+def _normalised(out) -> torch.Tensor:
+    feats = out if isinstance(out, torch.Tensor) else out.pooler_output
+    feats = feats.float().cpu()
+    return feats / feats.norm(dim=-1, keepdim=True)
+
+
+def seed_everything(seed: int = 0) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def default_device() -> tuple[torch.device, torch.dtype]:
+    """CUDA and fp16 when available, else CPU and fp32."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.float16
+    return torch.device("cpu"), torch.float32
+
+
+def load_photos(folder: str | Path, size: int | None = None) -> list[Image.Image]:
+    """Read every image in ``folder`` as RGB (grayscale and RGBA are converted), optionally resized
+    to ``size`` x ``size`` (centre-cropped to a square first)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"photo folder {folder} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+    if not files:
+        raise ValueError(f"photo folder {folder} holds no images (.png, .jpg, .jpeg, .webp, .bmp)")
+    photos = []
+    for p in files:
+        try:
+            im = Image.open(p)
+            im.load()
+        except Exception as exc:  # noqa: BLE001 - any decoder error means an unreadable photo
+            raise ValueError(f"cannot read photo {p} in folder {folder}: {exc}") from exc
+        im = im.convert("RGB")
+        if size is not None:
+            s = min(im.size)
+            left, top = (im.width - s) // 2, (im.height - s) // 2
+            im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
+        photos.append(im)
+    return photos
+
+
+# ---------------------------------------------------------------------------------------------
+# The toy world
+# ---------------------------------------------------------------------------------------------
+
+
+def _toy_detector(det, device):
+    def detect(images: list[Image.Image], threshold: float) -> list[list[Detection]]:
+        if not images:
+            return []
+        x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), np.float32) / 255).permute(2, 0, 1)
+                         for im in images]).to(device)
+        with torch.no_grad():
+            logits, boxes = det(x)
+        scores = torch.sigmoid(logits).cpu().numpy()
+        boxes = boxes.cpu().numpy()
+        out = []
+        for s, b in zip(scores, boxes):
+            keep = np.nonzero(s >= threshold)[0]
+            out.append([(det.labels[k], tuple(float(v) for v in b[k]), float(s[k])) for k in keep[np.argsort(-s[keep])]])
+        return out
+
+    return detect
+
+
+def load_toy_world(root: str | Path | None = None, device: str | torch.device | None = None) -> World:
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    from .toy import render
+    from .toy.models import ToyDetector
+
+    root = Path(root or TOY_DIR)
+    if not (root / "pipeline" / "model_index.json").exists():
+        raise FileNotFoundError(f"the toy world's weights are missing from {root}; rebuild them with `make toy-world` "
+                                "(python -m compinv_utils.toy.train --out data/toy)")
+    dev, dtype = default_device()
+    if device is not None:
+        dev = torch.device(device)
+        dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    pipe = StableDiffusionPipeline.from_pretrained(root / "pipeline", dtype=dtype).to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    clip = CLIPModel.from_pretrained(root / "clip", dtype=dtype).to(dev).eval()
+    det = ToyDetector.from_pretrained(root / "detector").to(dev).eval()
+    coi = [ConceptOfInterest(c.name, c.token, c.base, render.concept_photos(c)) for c in render.CONCEPTS]
+    return World("toy", pipe, sorted(render.NOUNS), coi, clip, CLIPTokenizer.from_pretrained(root / "clip"),
+                 CLIPImageProcessor.from_pretrained(root / "clip"), _toy_detector(det, dev), dev, dtype,
+                 guidance_scale=4.0, extras={"root": root, "detector_model": det})
+
+
+# ---------------------------------------------------------------------------------------------
+# Stable Diffusion 1.5
+# ---------------------------------------------------------------------------------------------
+
+
+def _detr_detector(model, processor, device, dtype):
+    id2label = model.config.id2label
+
+    def detect(images: list[Image.Image], threshold: float) -> list[list[Detection]]:
+        out = []
+        for im in images:
+            inputs = processor(images=im.convert("RGB"), return_tensors="pt").to(device)
+            with torch.no_grad():
+                res = model(pixel_values=inputs.pixel_values.to(dtype))
+            post = processor.post_process_object_detection(res, threshold=threshold, target_sizes=[(1, 1)])[0]
+            out.append([(id2label[int(lab)], tuple(float(v) for v in box.clamp(0, 1)), float(s))
+                        for s, lab, box in zip(post["scores"], post["labels"], post["boxes"])])
+        return out
+
+    return detect
+
+
+def sd15_concepts(folder: str | Path, size: int = 512) -> list[ConceptOfInterest]:
+    """Concepts of interest from a folder with one subfolder of photos per concept (e.g. the DreamBooth
+    data set). The superclass is read from ``concepts.json`` ({name: superclass}) when present, else
+    from the subfolder's name without trailing digits ("dog6" -> "dog")."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"concepts folder {folder} does not exist")
+    mapping = json.loads((folder / "concepts.json").read_text()) if (folder / "concepts.json").exists() else {}
+    subs = sorted(p for p in folder.iterdir() if p.is_dir())
+    if not subs:
+        raise ValueError(f"concepts folder {folder} has no subfolders of photos")
+    out = []
+    for sub in subs:
+        name = re.sub(r"[^a-z0-9_-]", "", sub.name.lower())
+        superclass = mapping.get(sub.name) or re.sub(r"[\d_]+$", "", sub.name).replace("_", " ")
+        out.append(ConceptOfInterest(name, f"<{name}>", superclass, load_photos(sub, size)))
+    return out
+
+
+def load_sd15_world(concepts_dir: str | Path | None = None, device: str | torch.device | None = None) -> World:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import AutoImageProcessor, CLIPModel, CLIPProcessor, DetrForObjectDetection
+
+    dev, dtype = default_device()
+    if device is not None:
+        dev = torch.device(device)
+        dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(SD15_ID, dtype=dtype, safety_checker=None,
+                                                       requires_safety_checker=False)
+        clip = CLIPModel.from_pretrained(SD15_CLIP_ID, dtype=dtype)
+        clip_proc = CLIPProcessor.from_pretrained(SD15_CLIP_ID)
+        detr = DetrForObjectDetection.from_pretrained(SD15_DETR_ID, revision=SD15_DETR_REVISION, dtype=dtype)
+        detr_proc = AutoImageProcessor.from_pretrained(SD15_DETR_ID, revision=SD15_DETR_REVISION)
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(
+            f"the sd15 world needs the Hugging Face hub ({SD15_ID}, {SD15_CLIP_ID}, {SD15_DETR_ID}) and could not "
+            f"load it: {exc}. Without hub access use load_world('toy'), which runs offline."
+        ) from exc
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe = pipe.to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    coi = sd15_concepts(concepts_dir) if concepts_dir else []
+    return World("sd15", pipe, list(COCO_NOUNS), coi, clip.to(dev).eval(), clip_proc.tokenizer,
+                 clip_proc.image_processor, _detr_detector(detr.to(dev).eval(), detr_proc, dev, dtype), dev, dtype,
+                 guidance_scale=7.5)
+
+
+def load_world(name: str | None = None, **kwargs) -> World:
+    """Load a world by name: ``"toy"`` (default; also from the ``COMPINV_WORLD`` environment variable)
+    or ``"sd15"`` (kwargs: ``concepts_dir``, a folder of concept photo folders; ``device``)."""
+    name = (name or os.environ.get("COMPINV_WORLD", "toy")).lower()
+    if name == "toy":
+        return load_toy_world(**kwargs)
+    if name == "sd15":
+        return load_sd15_world(**kwargs)
+    raise ValueError(f"unknown world {name!r}; the worlds are: {', '.join(WORLDS)}")
