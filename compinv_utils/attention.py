@@ -41,6 +41,7 @@ class AttentionStore:
     shapes: dict = field(default_factory=dict)  # layer -> (h, w) of its maps
     step: int = -1  # the current UNet call, counted from 0 since the last reset
     sample_hw: tuple[int, int] = (0, 0)  # spatial size of the current UNet input (latent)
+    enabled: bool = True  # False: the processors record nothing and use fused attention
 
     def reset(self) -> None:
         self.maps, self.similarity, self.shapes, self.step = {}, {}, {}, -1
@@ -95,8 +96,9 @@ class AttentionStore:
                     m = m.mean(1)
                 m = m[batch] if batch is not None else m
                 x = m.transpose(1, 2).reshape(m.shape[0], m.shape[2], h, w)
-                if h != res:
-                    x = F.interpolate(x, size=(res, round(res * w / h)), mode="bilinear", align_corners=False)
+                target = (res, round(res * self.sample_hw[1] / self.sample_hw[0]))
+                if (h, w) != target:
+                    x = F.interpolate(x, size=target, mode="bilinear", align_corners=False)
                 acc = x if acc is None else acc + x
                 n += 1
         if acc is None:
@@ -147,19 +149,23 @@ class StoreProcessor:
         q = attn.head_to_batch_dim(attn.to_q(hidden_states))  # (B*heads, HW, d)
         k = attn.head_to_batch_dim(attn.to_k(context))  # (B*heads, T, d)
         v = attn.head_to_batch_dim(attn.to_v(context))
-        logits = torch.bmm(q, k.transpose(1, 2)) * attn.scale  # (B*heads, HW, T)
-        if attention_mask is not None:
-            logits = logits + attention_mask
-        probs = logits.softmax(-1).to(v.dtype)
-        out = attn.batch_to_head_dim(torch.bmm(probs, v))
-        out = attn.to_out[1](attn.to_out[0](out))
+        record = self.store.enabled
+        if record:
+            logits = torch.bmm(q, k.transpose(1, 2)) * attn.scale  # (B*heads, HW, T)
+            if attention_mask is not None:
+                logits = logits + attention_mask
+            probs = logits.softmax(-1).to(v.dtype)
+            out = torch.bmm(probs, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=attn.scale)
+        out = attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(out)))
 
         if four_d:
             out = out.transpose(-1, -2).reshape(b, c, h, w)
             hw = (h, w)
         else:
             hw = self.store.latent_hw(n_queries)
-        if self.store.wants(hw[0]):
+        if record and self.store.wants(hw[0]):
             heads = attn.heads
             self.store.record(self.layer, hw, probs.view(batch, heads, n_queries, -1),
                               logits.view(batch, heads, n_queries, -1).float().mean((1, 2)))

@@ -267,3 +267,16 @@ def invert(pipe, photos: Sequence[Image.Image], token: str, superclass: str, con
     return InversionResult(token, tokens, superclass, emb.weight[ids].detach().float().cpu().clone(), losses,
                            asdict(config), log)
 
+
+
+def invert_or_load(pipe, concept, config: InversionConfig, folder: str | Path, recompute: bool = False,
+                   **kwargs) -> Path:
+    """Load ``concept``'s embedding from ``folder/<name>/learned_embeds.safetensors`` into the pipeline,
+    or invert it (``kwargs`` go to :func:`invert`) and save it there. Returns the file's path."""
+    path = Path(folder) / concept.name / "learned_embeds.safetensors"
+    if path.exists() and not recompute:
+        load_embedding(pipe, path)
+    else:
+        unload(pipe, concept.token)
+        invert(pipe, concept.photos, concept.token, concept.superclass, config, **kwargs).save(path)
+    return path

@@ -66,3 +66,30 @@ def bar_chart(values: dict[str, float], title: str = "", ylabel: str = "", thres
     ax.tick_params(axis="x", rotation=60, labelsize=7)
     fig.tight_layout()
     return fig
+
+
+def attention_overlays(image: Image.Image, maps, titles: Sequence[str], row_labels: Sequence[str] | None = None,
+                       size: float = 1.3):
+    """Per-token attention maps over an image. ``maps``: array ``(rows, cols, h, w)`` (or ``(cols, h, w)``)."""
+    maps = np.asarray(maps, dtype=float)
+    if maps.ndim == 3:
+        maps = maps[None]
+    rows, cols = maps.shape[:2]
+    fig, axes = plt.subplots(rows, cols + 1, figsize=((cols + 1) * size, rows * size * 1.15), squeeze=False, dpi=DPI)
+    w, h = image.size
+    for r in range(rows):
+        axes[r, 0].imshow(np.asarray(image), interpolation="nearest")
+        axes[r, 0].set_title("image" if r == 0 else "", fontsize=7)
+        if row_labels is not None:
+            axes[r, 0].set_ylabel(row_labels[r], fontsize=7, rotation=0, ha="right", va="center")
+        for c in range(cols):
+            ax = axes[r, c + 1]
+            ax.imshow(np.asarray(image.convert("L")), cmap="gray", alpha=0.5, extent=(0, w, h, 0))
+            ax.imshow(maps[r, c], cmap="inferno", alpha=0.65, extent=(0, w, h, 0), interpolation="bilinear")
+            if r == 0:
+                ax.set_title(titles[c], fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig

@@ -114,24 +114,23 @@ class World:
 
     # -- generating ------------------------------------------------------------------------------
 
-    def generators(self, seed: int, n: int) -> list[torch.Generator]:
-        """One generator per image (seed, seed + 1, ...), so an image does not depend on batch size."""
-        dev = "cpu" if self.device.type == "mps" else self.device
-        return [torch.Generator(dev).manual_seed(seed + i) for i in range(n)]
-
-    def generate(self, prompts: str | Sequence[str], seed: int = 0, batch_size: int = 16, **kwargs) -> list[Image.Image]:
+    def generate(self, prompts: str | Sequence[str], seed: int = 0, batch_size: int = 16,
+                 seeds: Sequence[int] | None = None, **kwargs) -> list[Image.Image]:
         """Images for the prompts with the world's defaults (25 DDIM steps, its guidance scale).
 
-        Image ``i`` uses seed ``seed + i``. Extra kwargs go to the pipeline call.
+        Image ``i`` uses seed ``seed + i``, or ``seeds[i]`` when given. Extra kwargs go to the pipeline call.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        seeds = list(range(seed, seed + len(prompts))) if seeds is None else list(seeds)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         kwargs.setdefault("num_inference_steps", self.num_inference_steps)
         kwargs.setdefault("guidance_scale", self.guidance_scale)
+        dev = "cpu" if self.device.type == "mps" else self.device
         images = []
         for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i:i + batch_size]
-            out = self.pipe(chunk, generator=self.generators(seed + i, len(chunk)), **kwargs)
-            images.extend(out.images)
+            gens = [torch.Generator(dev).manual_seed(s) for s in seeds[i:i + batch_size]]
+            images.extend(self.pipe(prompts[i:i + batch_size], generator=gens, **kwargs).images)
         return images
 
 

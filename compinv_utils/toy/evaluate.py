@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
-from itertools import combinations
-
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..metrics import found, image_alignment
 from . import render
 
 EVAL_SEED = 10_000_000
@@ -97,10 +97,6 @@ def eval_clip_retrieval(world, n: int = 500, group: int = 100) -> dict:
     return {"top1": correct / n, "n_scenes": n, "group": group, "captions": "full (all attributes named)"}
 
 
-def detected(dets, noun: str) -> bool:
-    return any(lab == noun for lab, _, _ in dets)
-
-
 def eval_generation(world, per_noun: int = 8, per_pair: int = 4, seed: int = 0) -> dict:
     prompts, wants = [], []
     for noun in world.concepts:
@@ -113,12 +109,12 @@ def eval_generation(world, per_noun: int = 8, per_pair: int = 4, seed: int = 0) 
     for i in tqdm(range(0, len(prompts), 32), desc="generate"):
         images += world.generate(prompts[i:i + 32], seed=seed + i, batch_size=32)
     dets = world.detect(images)
-    single = [all(detected(d, n) for n in w) for d, w in zip(dets, wants) if len(w) == 1]
-    pair = [all(detected(d, n) for n in w) for d, w in zip(dets, wants) if len(w) == 2]
+    single = [all(found(d, n) for n in w) for d, w in zip(dets, wants) if len(w) == 1]
+    pair = [all(found(d, n) for n in w) for d, w in zip(dets, wants) if len(w) == 2]
     per_noun_rate = {}
     for d, w in zip(dets, wants):
         if len(w) == 1:
-            per_noun_rate.setdefault(w[0], []).append(detected(d, w[0]))
+            per_noun_rate.setdefault(w[0], []).append(found(d, w[0]))
     return {"single_noun_detected": float(np.mean(single)), "held_out_pair_both_detected": float(np.mean(pair)),
             "per_noun": {k: float(np.mean(v)) for k, v in per_noun_rate.items()},
             "n_single": len(single), "n_pair": len(pair), "guidance_scale": world.guidance_scale,
@@ -140,14 +136,24 @@ def eval_speed(world, repeats: int = 2) -> dict:
     return {"load_world_s": load_s, "generate_16x25_s": min(times), "torch_threads": torch.get_num_threads()}
 
 
-def pair_table(world, seeds: int = 2) -> dict:
-    """Both-detected rate for every noun pair (trained and held out) — used by the notebooks."""
-    pairs = list(combinations(world.concepts, 2))
-    prompts = [f"{render.article(a)} and {render.article(b)}" for a, b in pairs for _ in range(seeds)]
-    images = world.generate(prompts, seed=0, batch_size=32)
-    dets = world.detect(images)
-    return {f"{a}|{b}": float(np.mean([detected(d, a) and detected(d, b) for d in dets[i * seeds:(i + 1) * seeds]]))
-            for i, (a, b) in enumerate(pairs)}
+def eval_inversion(world, steps: int | None = None, n: int = 8) -> dict:
+    """Plain textual inversion of every concept of interest; image alignment of ``n`` samples of
+    "a photo of a S* <superclass>" vs ``n`` samples of "a photo of a <superclass>" to the user photos."""
+    from ..inversion import InversionConfig, invert, unload
+
+    cfg = InversionConfig() if steps is None else InversionConfig(steps=steps)
+    out = {}
+    for coi in world.concepts_of_interest:
+        t = time.perf_counter()
+        invert(world.pipe, coi.photos, coi.token, coi.superclass, cfg, progress=False)
+        secs = time.perf_counter() - t
+        with_tok = world.generate([f"a photo of a {coi.token} {coi.superclass}"] * n, seed=0)
+        sup = world.generate([f"a photo of {render.article(coi.superclass)}"] * n, seed=0)
+        out[coi.name] = {"with_token": float(image_alignment(world, with_tok, coi.photos).mean()),
+                         "superclass": float(image_alignment(world, sup, coi.photos).mean()), "invert_s": round(secs, 1)}
+        unload(world.pipe, coi.token)
+    return {"per_concept": out, "steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size, "samples": n,
+            "all_above_superclass": all(r["with_token"] > r["superclass"] for r in out.values())}
 
 
 def main(argv=None):
@@ -155,12 +161,14 @@ def main(argv=None):
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="data/toy/quality.json")
-    p.add_argument("--skip", nargs="*", default=[], help="parts to skip: detector clip generation speed")
+    p.add_argument("--skip", nargs="*", default=[], help="parts to skip: detector clip generation speed inversion")
     args = p.parse_args(argv)
     world = load_world("toy")
-    res = {"hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {world.device}",
+    old = json.loads(open(args.out).read()) if args.skip and os.path.exists(args.out) else {}
+    res = old | {"hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {world.device}",
            "command": "python -m compinv_utils.toy.evaluate"}
-    parts = {"detector": eval_detector, "clip": eval_clip_retrieval, "generation": eval_generation, "speed": eval_speed}
+    parts = {"detector": eval_detector, "clip": eval_clip_retrieval, "generation": eval_generation, "speed": eval_speed,
+             "inversion": eval_inversion}
     for name, fn in parts.items():
         if name in args.skip:
             continue

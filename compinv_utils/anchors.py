@@ -1,0 +1,160 @@
+"""Semantic inversion: pull the pseudo-word toward a few sparse-coded anchor concepts.
+
+``L_anc = Σ_i δ_i ‖e − e_i‖²`` over the anchors ``e_i`` (input embeddings of the world's nouns, or
+COCO's 80 in SD 1.5), with weights ``δ ≥ 0``, ``Σ δ_i = 1`` and at most ``c`` of them non-zero,
+and ``L_final = (1 − λ) L_rec + λ L_anc`` (λ = 0.95 for TI in the paper).
+
+**Which sparse coder.** δ comes from coding ``e`` on the unit-normalised anchors. The default,
+``"nnomp"``, takes the support from orthogonal matching pursuit (exactly ``≤ c`` atoms) and refits
+the weights by non-negative least squares: a negative δ_i would make ``L_anc`` *push* ``e`` away
+from anchor ``i`` (and unbounded below), so attraction needs non-negative weights. ``"omp"``
+(plain OMP, signed coefficients; the weights are their absolute values) and ``"lasso"``
+(non-negative LARS-lasso with at most ``c`` steps) are available for comparison.
+
+**When δ is re-estimated.** Every ``refresh_every`` steps (default 25) from the current ``e``. At
+the start ``e`` equals the superclass word, so δ is one-hot on it; as inversion moves ``e`` toward
+the photos, the code spreads to the concepts the photos resemble. Re-coding every step would chase
+noise in ``e``; never re-coding would pin the concept to its initial word.
+
+The official code's simplification — one anchor (the class noun) and an MSE between the text
+encoder's outputs for the whole prompt with ``S*`` and with the class noun — is :class:`OfficialAnchorLoss`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import numpy as np
+import torch
+
+METHODS = ("nnomp", "omp", "lasso")
+
+
+def check_lambda(lam: float) -> float:
+    if not 0.0 <= float(lam) <= 1.0:
+        raise ValueError(f"λ (lam) must be in [0, 1], got {lam}")
+    return float(lam)
+
+
+def anchor_embeddings(pipe, words: Sequence[str]) -> torch.Tensor:
+    """Input embeddings ``(K, D)`` of the anchor words. A word must be one token; a phrase ("teddy bear")
+    must be one token per word and is the mean of them."""
+    tok = pipe.tokenizer
+    table = pipe.text_encoder.get_input_embeddings().weight
+    rows = []
+    for w in words:
+        ids = []
+        for part in w.split():
+            pid = tok(part, add_special_tokens=False).input_ids
+            if len(pid) != 1:
+                raise ValueError(f"anchor word {part!r} (in {w!r}) is not a single token of the vocabulary "
+                                 f"(it splits into {tok.convert_ids_to_tokens(pid)}); anchors must be vocabulary words")
+            ids += pid
+        if not ids:
+            raise ValueError("an anchor word is empty")
+        rows.append(table[ids].detach().float().mean(0))
+    return torch.stack(rows).cpu()
+
+
+def sparse_weights(e: torch.Tensor, anchors: torch.Tensor, c: int, method: str = "nnomp") -> np.ndarray:
+    """Sparse weights δ ``(K,)``: ``δ ≥ 0``, ``Σ δ = 1``, at most ``c`` non-zero, coding ``e`` ``(D,)`` on
+    the unit-normalised rows of ``anchors`` ``(K, D)``."""
+    from scipy.optimize import nnls
+    from sklearn.linear_model import LassoLars, orthogonal_mp
+
+    k = len(anchors)
+    if not 1 <= c <= k:
+        raise ValueError(f"c must be between 1 and the number of anchors ({k}), got {c}")
+    if method not in METHODS:
+        raise ValueError(f"unknown sparse coder {method!r}; choose one of {METHODS}")
+    A = anchors.double().numpy()
+    A = A / np.linalg.norm(A, axis=1, keepdims=True)
+    x = e.double().numpy()
+    if method == "lasso":
+        model = LassoLars(alpha=1e-6, positive=True, max_iter=c, fit_intercept=False).fit(A.T, x)
+        w = np.clip(model.coef_, 0, None)
+    else:
+        with warnings.catch_warnings():  # e equal to an anchor (as at the start) ends OMP early: expected
+            warnings.simplefilter("ignore", RuntimeWarning)
+            coef = orthogonal_mp(A.T, x, n_nonzero_coefs=c)
+        if method == "omp":
+            w = np.abs(coef)
+        else:
+            support = np.flatnonzero(coef)
+            w = np.zeros(k)
+            if len(support):
+                w[support], _ = nnls(A[support].T, x)
+    w[w < 1e-6 * max(w.max(), 1e-12)] = 0.0
+    if w.sum() <= 0:  # e points away from every anchor: fall back to the single most similar one
+        w = np.zeros(k)
+        w[int(np.argmax(A @ x))] = 1.0
+    return w / w.sum()
+
+
+def anchor_loss(e: torch.Tensor, anchors: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``Σ_i δ_i ‖e − e_i‖²`` for ``e`` ``(D,)`` or ``(n, D)`` (averaged over vectors)."""
+    e2 = e if e.dim() == 2 else e[None]
+    d = ((e2[:, None, :] - anchors[None].to(e2)) ** 2).sum(-1)  # (n, K)
+    return (d * delta.to(e2)).sum(-1).mean()
+
+
+class AnchorLoss:
+    """``loss_fn`` for :func:`compinv_utils.inversion.invert`: ``(1 − λ) L_rec + λ L_anc``.
+
+    ``last_log`` holds the current anchors and weights (the inversion keeps one entry per step).
+    """
+
+    def __init__(self, pipe, words: Sequence[str], lam: float = 0.95, c: int = 3, method: str = "nnomp",
+                 refresh_every: int = 25):
+        self.lam = check_lambda(lam)
+        self.words = list(words)
+        self.anchors = anchor_embeddings(pipe, self.words)
+        if not 1 <= c <= len(self.words):
+            raise ValueError(f"c must be between 1 and the number of anchors ({len(self.words)}), got {c}")
+        if refresh_every < 1:
+            raise ValueError(f"refresh_every must be >= 1, got {refresh_every}")
+        self.c, self.method, self.refresh_every = c, method, refresh_every
+        self.delta: torch.Tensor | None = None
+        self.last_log: dict = {}
+
+    def code(self, e: torch.Tensor) -> torch.Tensor:
+        """δ for each vector of ``e`` ``(n, D)``, averaged over vectors (still ≤ c per vector)."""
+        ws = [sparse_weights(v.detach().float().cpu(), self.anchors, self.c, self.method) for v in e]
+        return torch.tensor(np.mean(ws, 0), dtype=torch.float32)
+
+    def __call__(self, rec: torch.Tensor, e: torch.Tensor, step: int) -> torch.Tensor:
+        if self.delta is None or step % self.refresh_every == 0:
+            self.delta = self.code(e)
+        anc = anchor_loss(e, self.anchors, self.delta)
+        active = torch.nonzero(self.delta).flatten().tolist()
+        self.last_log = {"anchors": {self.words[i]: round(float(self.delta[i]), 4) for i in active},
+                         "rec": rec.item(), "anc": anc.item()}
+        if self.lam == 0.0:
+            return rec
+        return (1 - self.lam) * rec + self.lam * anc
+
+
+class OfficialAnchorLoss:
+    """The official code's variant: one anchor word, and an MSE between the text encoder's outputs for
+    ``template`` with the placeholder and with the anchor word, over all 77 positions."""
+
+    def __init__(self, pipe, token: str, word: str, lam: float = 0.95, template: str = "a photo of a {}"):
+        self.lam = check_lambda(lam)
+        anchor_embeddings(pipe, [word])  # validates the word
+        tok = pipe.tokenizer
+        kw = dict(padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        self.pipe = pipe
+        self.ids_token = tok(template.format(token), **kw).input_ids.to(pipe.text_encoder.device)
+        with torch.no_grad():
+            ids_word = tok(template.format(word), **kw).input_ids.to(pipe.text_encoder.device)
+            self.target = pipe.text_encoder(ids_word)[0].float()
+        self.last_log: dict = {}
+
+    def __call__(self, rec: torch.Tensor, e: torch.Tensor, step: int) -> torch.Tensor:
+        out = self.pipe.text_encoder(self.ids_token)[0].float()
+        anc = torch.nn.functional.mse_loss(out, self.target)
+        self.last_log = {"rec": rec.item(), "anc": anc.item()}
+        if self.lam == 0.0:
+            return rec
+        return (1 - self.lam) * rec + self.lam * anc

@@ -1,0 +1,293 @@
+"""Spatial inversion, part 1: where should two concepts go? A layout data set and a layout MLP.
+
+Noun pairs are composed into prompts, images are generated, the world's detector finds each
+noun's box, and :class:`LayoutMLP` learns ``l_i, l_j = MLP(e_i, e_j)`` from the two words'
+embeddings. A token outside the noun vocabulary (an inverted ``S*``) uses its nearest noun.
+
+Records (JSON lines, one per image where *both* nouns were found)::
+
+    {"prompt": "a cat and a kite", "a": "cat", "b": "kite", "template": "{a} and {b}", "seed": 3,
+     "box_a": [x0, y0, x1, y1], "box_b": [...], "score_a": 0.98, "score_b": 0.91}
+
+Generation is resumable: a ``<file>.done`` file lists every job tried (found or not), and a
+partial last line from an interrupted write is dropped on resume. It shards over processes with
+``accelerate`` (``torchrun --nproc_per_node N``): each process writes its own part, and the main
+process merges them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+Box = tuple[float, float, float, float]
+LAYOUT_TEMPLATES = ("{a} and {b}", "a photo of {a} and {b}", "{a} next to {b}")
+OFFICIAL_BOXES: tuple[Box, Box] = ((0.1, 0.2, 0.5, 0.8), (0.6, 0.2, 0.95, 0.8))  # the official code's constants
+
+
+def check_box(box: Sequence[float], name: str = "box") -> Box:
+    """Validate ``(x0, y0, x1, y1)`` in [0, 1] with positive width and height."""
+    if len(box) != 4:
+        raise ValueError(f"{name} must have 4 numbers (x0, y0, x1, y1), got {list(box)}")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not all(0.0 <= v <= 1.0 for v in (x0, y0, x1, y1)):
+        raise ValueError(f"{name} {list(box)} lies outside [0, 1]; boxes are fractions of the image size")
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"{name} {list(box)} is degenerate: need x0 < x1 and y0 < y1")
+    return x0, y0, x1, y1
+
+
+def box_to_mask(box: Sequence[float], height: int, width: int | None = None) -> torch.Tensor:
+    """A ``(height, width)`` 0/1 mask of the pixels whose centres fall inside the box (at least one pixel)."""
+    x0, y0, x1, y1 = check_box(box)
+    width = width or height
+    ys = (torch.arange(height) + 0.5) / height
+    xs = (torch.arange(width) + 0.5) / width
+    m = ((ys[:, None] >= y0) & (ys[:, None] <= y1) & (xs[None] >= x0) & (xs[None] <= x1)).float()
+    if m.sum() == 0:  # a box smaller than one cell: keep the cell holding its centre
+        m[min(int((y0 + y1) / 2 * height), height - 1), min(int((x0 + x1) / 2 * width), width - 1)] = 1
+    return m
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Data set generation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    a: str
+    b: str
+    template: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.a}|{self.b}|{self.template}|{self.seed}"
+
+    def prompt(self) -> str:
+        from .metrics import article
+
+        return self.template.format(a=article(self.a), b=article(self.b))
+
+
+def layout_jobs(nouns: Sequence[str], seeds: int, templates: Sequence[str] = LAYOUT_TEMPLATES,
+                pairs: Sequence[tuple[str, str]] | None = None, seed0: int = 0) -> list[Job]:
+    """Every (pair, order, template, seed): both word orders, so that a layout cannot hide in the order."""
+    pairs = list(combinations(sorted(nouns), 2)) if pairs is None else list(pairs)
+    jobs, k = [], seed0
+    for a, b in pairs:
+        for first, second in ((a, b), (b, a)):
+            for t in templates:
+                for _ in range(seeds):
+                    jobs.append(Job(first, second, t, k))
+                    k += 1
+    return jobs
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """Read a JSONL file, dropping a partial last line and any corrupt line (with a warning)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    good, bad = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            check_box(rec["box_a"], "box_a")
+            check_box(rec["box_b"], "box_b")
+            good.append(rec)
+        except (json.JSONDecodeError, KeyError, ValueError, TypeError):
+            bad += 1
+    if bad:
+        import warnings
+
+        warnings.warn(f"{path}: skipped {bad} corrupt or partial line(s); {len(good)} records kept")
+    return good
+
+
+def _write_records(path: Path, records: list[dict]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
+def _sorted(records: list[dict]) -> list[dict]:
+    return sorted(records, key=lambda r: (r["a"], r["b"], r["template"], r["seed"]))
+
+
+def generate_records(world, jobs: Sequence[Job], path: str | Path, batch_size: int = 32, threshold: float = 0.5,
+                     progress: bool = True) -> list[dict]:
+    """Generate and detect ``jobs`` (skipping those listed in ``<path>.done``), appending kept records to
+    ``path``. Returns every record in the file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done_path = path.with_suffix(path.suffix + ".done")
+    records = read_records(path)
+    _write_records(path, records)  # rewrite without partial or corrupt lines
+    done = set(done_path.read_text().splitlines()) if done_path.exists() else set()
+    done |= {f"{r['a']}|{r['b']}|{r['template']}|{r['seed']}" for r in records}
+    todo = [j for j in jobs if j.key not in done]
+    for j in jobs:
+        world.check_nouns([j.a, j.b])
+    with path.open("a") as out, done_path.open("a") as log:
+        for i in tqdm(range(0, len(todo), batch_size), desc="layout data", disable=not progress):
+            chunk = todo[i:i + batch_size]
+            images = world.generate([j.prompt() for j in chunk], seeds=[j.seed for j in chunk], batch_size=batch_size)
+            for j, dets in zip(chunk, world.detect(images, threshold)):
+                best = {}
+                for label, box, score in dets:
+                    if label in (j.a, j.b) and score > best.get(label, (None, -1))[1]:
+                        best[label] = (box, score)
+                if j.a in best and j.b in best:
+                    rec = {"prompt": j.prompt(), "a": j.a, "b": j.b, "template": j.template, "seed": j.seed,
+                           "box_a": [round(v, 5) for v in best[j.a][0]], "box_b": [round(v, 5) for v in best[j.b][0]],
+                           "score_a": round(best[j.a][1], 4), "score_b": round(best[j.b][1], 4)}
+                    out.write(json.dumps(rec) + "\n")
+                    records.append(rec)
+            out.flush()
+            log.write("".join(j.key + "\n" for j in chunk))
+            log.flush()
+    return records
+
+
+def generate_layout_dataset(world, jobs: Sequence[Job], path: str | Path, batch_size: int = 32,
+                            progress: bool = True) -> list[dict]:
+    """Generate the data set, sharded over the processes of an ``accelerate`` ``PartialState``
+    (one process without a launcher). The main process merges the parts into ``path`` (sorted)."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=world.device.type == "cpu")
+    path = Path(path)
+    if state.num_processes == 1:
+        records = generate_records(world, jobs, path, batch_size, progress=progress)
+        _write_records(path, _sorted(records))
+        return _sorted(records)
+    part = path.with_name(f"{path.stem}.part{state.process_index}of{state.num_processes}{path.suffix}")
+    with state.split_between_processes(list(jobs)) as mine:
+        generate_records(world, mine, part, batch_size, progress=progress and state.is_main_process)
+    state.wait_for_everyone()
+    records = []
+    if state.is_main_process:
+        for r in range(state.num_processes):
+            records += read_records(path.with_name(f"{path.stem}.part{r}of{state.num_processes}{path.suffix}"))
+        records = _sorted(records)
+        _write_records(path, records)
+    state.wait_for_everyone()
+    return records if state.is_main_process else read_records(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits, baselines, the MLP
+# ---------------------------------------------------------------------------------------------
+
+
+def split_by_pair(records: Sequence[dict], test_frac: float = 0.2, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Train/test split in which no unordered noun pair appears on both sides."""
+    pairs = sorted({tuple(sorted((r["a"], r["b"]))) for r in records})
+    rng = np.random.default_rng(seed)
+    test_pairs = {pairs[i] for i in rng.choice(len(pairs), max(1, round(test_frac * len(pairs))), replace=False)}
+    train = [r for r in records if tuple(sorted((r["a"], r["b"]))) not in test_pairs]
+    test = [r for r in records if tuple(sorted((r["a"], r["b"]))) in test_pairs]
+    return train, test
+
+
+def mean_box_baseline(train: Sequence[dict]) -> dict[str, Box]:
+    """Per noun, the mean of its boxes over the training records (either side of a pair)."""
+    boxes: dict[str, list] = {}
+    for r in train:
+        boxes.setdefault(r["a"], []).append(r["box_a"])
+        boxes.setdefault(r["b"], []).append(r["box_b"])
+    return {n: tuple(np.mean(v, 0).tolist()) for n, v in boxes.items()}
+
+
+class LayoutMLP(nn.Module):
+    """``(e_i, e_j) -> (box_i, box_j)``: two token embeddings ``(B, D)`` each to two boxes ``(B, 2, 4)``
+    as ``(x0, y0, x1, y1)`` in [0, 1]."""
+
+    def __init__(self, dim: int, hidden: int = 256):
+        super().__init__()
+        self.dim = dim
+        self.net = nn.Sequential(nn.Linear(2 * dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, 8))
+
+    def forward(self, e_i: torch.Tensor, e_j: torch.Tensor) -> torch.Tensor:
+        out = self.net(torch.cat([e_i, e_j], -1)).view(-1, 2, 4)
+        centre = torch.sigmoid(out[..., :2])
+        half = torch.sigmoid(out[..., 2:]) / 2
+        return torch.cat([centre - half, centre + half], -1).clamp(0, 1)
+
+
+def train_layout_mlp(train: Sequence[dict], features: dict[str, torch.Tensor], steps: int = 1500, lr: float = 3e-3,
+                     batch_size: int = 128, seed: int = 0, progress: bool = False) -> tuple[LayoutMLP, list[float]]:
+    """Fit a :class:`LayoutMLP` on records with per-noun feature vectors ``features[noun]`` ``(D,)``.
+    Each record is also used with its two nouns swapped. Returns the model and the loss curve."""
+    torch.manual_seed(seed)
+    nouns = sorted(features)
+    idx = {n: i for i, n in enumerate(nouns)}
+    F = torch.stack([features[n].float() for n in nouns])
+    F = F / F.norm(dim=-1, keepdim=True)
+    a = torch.tensor([idx[r["a"]] for r in train] + [idx[r["b"]] for r in train])
+    b = torch.tensor([idx[r["b"]] for r in train] + [idx[r["a"]] for r in train])
+    y = torch.tensor([[r["box_a"], r["box_b"]] for r in train] + [[r["box_b"], r["box_a"]] for r in train], dtype=torch.float32)
+    model = LayoutMLP(F.shape[1])
+    model.register_buffer("features", F)
+    model.nouns = nouns
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in tqdm(range(steps), desc="layout MLP", disable=not progress):
+        k = torch.randint(0, len(a), (batch_size,), generator=g)
+        pred = model(F[a[k]], F[b[k]])
+        loss = (pred - y[k]).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return model.eval(), losses
+
+
+@torch.no_grad()
+def predict_boxes(model: LayoutMLP, feat_i: torch.Tensor, feat_j: torch.Tensor) -> tuple[Box, Box]:
+    """Boxes for two feature vectors ``(D,)`` (normalised as in training)."""
+    fi, fj = (f.float() / f.float().norm() for f in (feat_i, feat_j))
+    out = model(fi[None], fj[None])[0]
+    return tuple(out[0].tolist()), tuple(out[1].tolist())
+
+
+def mean_iou(pred: Sequence[tuple[Box, Box]], records: Sequence[dict]) -> float:
+    """Mean IoU over both boxes of every record."""
+    ious = [box_iou(p[0], r["box_a"]) for p, r in zip(pred, records)]
+    ious += [box_iou(p[1], r["box_b"]) for p, r in zip(pred, records)]
+    return float(np.mean(ious))
+
+
+def nearest_noun(pipe, word: str, nouns: Sequence[str]) -> str:
+    """The noun whose input embedding is most cosine-similar to ``word``'s (e.g. an inverted ``S*``)."""
+    from .embeddings import input_embeddings
+
+    e = input_embeddings(pipe, [word])[0]
+    V = input_embeddings(pipe, list(nouns))
+    sims = (V @ e) / (V.norm(dim=-1) * e.norm()).clamp(min=1e-12)
+    return list(nouns)[int(sims.argmax())]

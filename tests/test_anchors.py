@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+import torch
+
+from compinv_utils.anchors import AnchorLoss, OfficialAnchorLoss, anchor_embeddings, anchor_loss, sparse_weights
+from compinv_utils.inversion import InversionConfig, invert, unload
+
+
+@pytest.fixture(scope="module")
+def atoms():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(20, 32, generator=g)
+
+
+@pytest.mark.parametrize("method", ["nnomp", "omp", "lasso"])
+def test_at_most_c_nonzeros_and_normalised(atoms, method):
+    e = torch.randn(32)
+    for c in (1, 2, 5):
+        w = sparse_weights(e, atoms, c, method)
+        assert (w > 0).sum() <= c and w.min() >= 0 and w.sum() == pytest.approx(1)
+
+
+@pytest.mark.parametrize("method", ["nnomp", "lasso"])
+def test_recovers_a_planted_sparse_mixture(atoms, method):
+    unit = atoms / atoms.norm(dim=1, keepdim=True)
+    true = np.zeros(20)
+    true[[3, 7, 15]] = [0.5, 0.3, 0.2]
+    e = torch.tensor(true, dtype=torch.float32) @ unit
+    w = sparse_weights(e, atoms, 3, method)
+    assert set(np.flatnonzero(w)) == {3, 7, 15}
+    assert np.allclose(w, true, atol=0.02)
+
+
+def test_bad_c_and_method(atoms):
+    with pytest.raises(ValueError, match="c must be between 1 and the number of anchors \\(20\\)"):
+        sparse_weights(torch.randn(32), atoms, 0)
+    with pytest.raises(ValueError, match="20"):
+        sparse_weights(torch.randn(32), atoms, 21)
+    with pytest.raises(ValueError, match="nnomp"):
+        sparse_weights(torch.randn(32), atoms, 2, "ista")
+
+
+def test_anchor_gradient_pulls_toward_active_anchors(atoms):
+    e = torch.zeros(32, requires_grad=True)
+    delta = torch.zeros(20)
+    delta[[2, 9]] = torch.tensor([0.7, 0.3])
+    anchor_loss(e, atoms, delta).backward()
+    step = -e.grad
+    target = 0.7 * atoms[2] + 0.3 * atoms[9]
+    assert torch.allclose(step, 2 * target, atol=1e-5)  # the descent direction points at the weighted anchors
+    with torch.no_grad():
+        moved = e - 0.1 * e.grad
+    assert anchor_loss(moved, atoms, delta) < anchor_loss(torch.zeros(32), atoms, delta)
+
+
+def test_bad_lambda_and_words(toy_world):
+    with pytest.raises(ValueError, match="λ .*\\[0, 1\\].*1.5"):
+        AnchorLoss(toy_world.pipe, toy_world.concepts, lam=1.5)
+    with pytest.raises(ValueError, match="c must be between 1 and the number of anchors"):
+        AnchorLoss(toy_world.pipe, toy_world.concepts, c=0)
+    with pytest.raises(ValueError, match="not a single token"):
+        anchor_embeddings(toy_world.pipe, ["cat", "zebra"])
+    with pytest.raises(ValueError, match="λ"):
+        OfficialAnchorLoss(toy_world.pipe, "<x>", "cat", lam=-0.1)
+
+
+def test_lambda_zero_reproduces_plain_ti(toy_world):
+    pipe, coi = toy_world.pipe, toy_world.concepts_of_interest[0]
+    cfg = InversionConfig(steps=4, batch_size=2)
+    try:
+        plain = invert(pipe, coi.photos, "<p0>", coi.superclass, cfg, progress=False)
+        unload(pipe, "<p0>")
+        with_anchor = invert(pipe, coi.photos, "<p0>", coi.superclass, cfg,
+                             loss_fn=AnchorLoss(pipe, toy_world.concepts, lam=0.0), progress=False)
+        assert torch.equal(plain.embeddings, with_anchor.embeddings)
+        assert with_anchor.log and "anchors" in with_anchor.log[0]
+        assert with_anchor.log[0]["anchors"] == {coi.superclass: 1.0}  # starts one-hot on the superclass word
+    finally:
+        unload(pipe, "<p0>")
+
+
+def test_high_lambda_keeps_the_embedding_near_the_anchors(toy_world):
+    pipe, coi = toy_world.pipe, toy_world.concepts_of_interest[0]
+    cfg = InversionConfig(steps=30, batch_size=2, lr=5e-2)
+    anchors = anchor_embeddings(pipe, toy_world.concepts)
+    try:
+        free = invert(pipe, coi.photos, "<p1>", coi.superclass, cfg, progress=False).embeddings[0]
+        held = invert(pipe, coi.photos, "<p2>", coi.superclass, cfg,
+                      loss_fn=AnchorLoss(pipe, toy_world.concepts, lam=0.95, c=3), progress=False).embeddings[0]
+        dist = lambda v: torch.cdist(v[None], anchors).min()  # noqa: E731
+        assert dist(held) < dist(free)
+    finally:
+        unload(pipe, "<p1>")
+        unload(pipe, "<p2>")
