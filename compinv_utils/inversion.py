@@ -37,9 +37,9 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 @dataclass(frozen=True)
 class InversionConfig:
-    steps: int = 400  # optimisation steps
+    steps: int = 300  # optimisation steps (the toy world's setting; SD 1.5: 3,000)
     lr: float = 5e-3  # AdamW learning rate on the new embedding rows
-    batch_size: int = 8  # photos per step (drawn with replacement)
+    batch_size: int = 4  # photos per step (drawn with replacement)
     num_vectors: int = 1  # vectors of the pseudo-word
     weight_decay: float = 0.0  # AdamW weight decay on the new rows
     flip_p: float = 0.5  # probability of a horizontal flip of a photo

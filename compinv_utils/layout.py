@@ -283,6 +283,22 @@ def mean_iou(pred: Sequence[tuple[Box, Box]], records: Sequence[dict]) -> float:
     return float(np.mean(ious))
 
 
+def save_layout_mlp(model: LayoutMLP, path: str | Path, features: str) -> None:
+    """Save the MLP with the name of the features it was trained on ("input embedding" / "encoder output")."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "dim": model.dim, "features": features, "nouns": model.nouns}, path)
+
+
+def load_layout_mlp(path: str | Path) -> tuple[LayoutMLP, str]:
+    """Load a saved MLP; returns it and the name of its features."""
+    blob = torch.load(path, weights_only=False)
+    model = LayoutMLP(blob["dim"])
+    model.register_buffer("features", torch.zeros(len(blob["nouns"]), blob["dim"]))
+    model.load_state_dict(blob["state_dict"])
+    model.nouns = blob["nouns"]
+    return model.eval(), blob["features"]
+
+
 def nearest_noun(pipe, word: str, nouns: Sequence[str]) -> str:
     """The noun whose input embedding is most cosine-similar to ``word``'s (e.g. an inverted ``S*``)."""
     from .embeddings import input_embeddings
@@ -291,3 +307,25 @@ def nearest_noun(pipe, word: str, nouns: Sequence[str]) -> str:
     V = input_embeddings(pipe, list(nouns))
     sims = (V @ e) / (V.norm(dim=-1) * e.norm()).clamp(min=1e-12)
     return list(nouns)[int(sims.argmax())]
+
+
+def main(argv=None):
+    """Generate the layout data set: ``python -m compinv_utils.layout --out data/toy/layout/layout.jsonl``
+    (shard with ``torchrun --nproc_per_node N -m compinv_utils.layout ...``)."""
+    import argparse
+
+    from .world import load_world
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--world", default=None, help="toy (default) or sd15")
+    p.add_argument("--out", default="data/toy/layout/layout.jsonl")
+    p.add_argument("--seeds", type=int, default=1, help="images per (pair, order, template)")
+    p.add_argument("--batch-size", type=int, default=32)
+    args = p.parse_args(argv)
+    world = load_world(args.world)
+    records = generate_layout_dataset(world, layout_jobs(world.concepts, args.seeds), args.out, args.batch_size)
+    print(f"{len(records)} records in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

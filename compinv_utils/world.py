@@ -227,7 +227,7 @@ def load_toy_world(root: str | Path | None = None, device: str | torch.device | 
     coi = [ConceptOfInterest(c.name, c.token, c.base, render.concept_photos(c)) for c in render.CONCEPTS]
     return World("toy", pipe, sorted(render.NOUNS), coi, clip, CLIPTokenizer.from_pretrained(root / "clip"),
                  CLIPImageProcessor.from_pretrained(root / "clip"), _toy_detector(det, dev), dev, dtype,
-                 guidance_scale=4.0, extras={"root": root, "detector_model": det})
+                 guidance_scale=5.0, extras={"root": root, "detector_model": det})
 
 
 # ---------------------------------------------------------------------------------------------

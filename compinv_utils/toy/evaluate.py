@@ -136,16 +136,20 @@ def eval_speed(world, repeats: int = 2) -> dict:
     return {"load_world_s": load_s, "generate_16x25_s": min(times), "torch_threads": torch.get_num_threads()}
 
 
-def eval_inversion(world, steps: int | None = None, n: int = 8) -> dict:
-    """Plain textual inversion of every concept of interest; image alignment of ``n`` samples of
-    "a photo of a S* <superclass>" vs ``n`` samples of "a photo of a <superclass>" to the user photos."""
+def eval_inversion(world, n: int = 8, folder: str | os.PathLike | None = None) -> dict:
+    """Plain textual inversion (default settings) of every concept of interest, saved under ``folder``
+    (default ``data/toy/inversions/plain``, where chapter 01 finds them); image alignment of ``n``
+    samples of "a photo of a S* <superclass>" vs ``n`` samples of "a photo of a <superclass>" to the photos."""
     from ..inversion import InversionConfig, invert, unload
+    from ..world import TOY_DIR
 
-    cfg = InversionConfig() if steps is None else InversionConfig(steps=steps)
+    cfg = InversionConfig()
+    folder = folder or TOY_DIR / "inversions" / "plain"
     out = {}
     for coi in world.concepts_of_interest:
+        unload(world.pipe, coi.token)
         t = time.perf_counter()
-        invert(world.pipe, coi.photos, coi.token, coi.superclass, cfg, progress=False)
+        invert(world.pipe, coi.photos, coi.token, coi.superclass, cfg, progress=False).save(os.path.join(folder, coi.name))
         secs = time.perf_counter() - t
         with_tok = world.generate([f"a photo of a {coi.token} {coi.superclass}"] * n, seed=0)
         sup = world.generate([f"a photo of {render.article(coi.superclass)}"] * n, seed=0)
