@@ -28,7 +28,7 @@ tutorial: install
 		echo "== $$nb"; \
 		$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1200 "$$nb" || exit 1; \
 	done
-	$(BIN)/nbstripout --keep-output --keep-count notebooks/*.ipynb
+	$(BIN)/nbstripout --keep-output --keep-count --extra-keys 'metadata.language_info' notebooks/*.ipynb
 	@echo "All chapters ran; outputs are in notebooks/."
 
 test: install
@@ -48,7 +48,7 @@ evaluate-world: install
 	$(BIN)/python -m compinv_utils.toy.evaluate --out data/toy/quality.json
 
 strip:
-	$(BIN)/nbstripout --keep-output --keep-count notebooks/*.ipynb
+	$(BIN)/nbstripout --keep-output --keep-count --extra-keys 'metadata.language_info' notebooks/*.ipynb
 
 clean:
 	rm -rf $(VENV) .pytest_cache

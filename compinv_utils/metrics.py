@@ -50,6 +50,23 @@ def bootstrap_ci(values, n_boot: int = 2000, level: float = 0.95, seed: int = 0)
     return float(x.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
 
 
+def bootstrap_diff_ci(a, b, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """Difference of means ``mean(a) − mean(b)`` of two independent samples, with a percentile-bootstrap interval."""
+    x, y = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
+    if len(x) == 0 or len(y) == 0:
+        raise ValueError("both samples need values")
+    rng = np.random.default_rng(seed)
+    d = x[rng.integers(0, len(x), (n_boot, len(x)))].mean(1) - y[rng.integers(0, len(y), (n_boot, len(y)))].mean(1)
+    q = (1 - level) / 2
+    return float(x.mean() - y.mean()), float(np.quantile(d, q)), float(np.quantile(d, 1 - q))
+
+
+def partners(world, superclass: str, candidates: Sequence[str], k: int = 4) -> list[str]:
+    """The first ``k`` candidate partner nouns that are not ``superclass`` and not a held-out pair with it."""
+    held = {tuple(sorted(p)) for p in world.held_out_pairs}
+    return [x for x in candidates if x != superclass and tuple(sorted((x, superclass))) not in held][:k]
+
+
 def pair_prompt(a: str, b: str) -> str:
     return f"{article(a)} and {article(b)}"
 

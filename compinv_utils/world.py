@@ -67,6 +67,7 @@ class World:
     dtype: torch.dtype
     guidance_scale: float = 7.5  # classifier-free guidance used by default
     num_inference_steps: int = 25
+    held_out_pairs: tuple = ()  # noun pairs the model never saw together in training (toy world)
     extras: dict = field(default_factory=dict)
 
     @property
@@ -227,7 +228,7 @@ def load_toy_world(root: str | Path | None = None, device: str | torch.device | 
     coi = [ConceptOfInterest(c.name, c.token, c.base, render.concept_photos(c)) for c in render.CONCEPTS]
     return World("toy", pipe, sorted(render.NOUNS), coi, clip, CLIPTokenizer.from_pretrained(root / "clip"),
                  CLIPImageProcessor.from_pretrained(root / "clip"), _toy_detector(det, dev), dev, dtype,
-                 guidance_scale=5.0, extras={"root": root, "detector_model": det})
+                 guidance_scale=5.0, held_out_pairs=render.HELD_OUT_PAIRS, extras={"root": root, "detector_model": det})
 
 
 # ---------------------------------------------------------------------------------------------

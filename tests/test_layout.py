@@ -90,3 +90,15 @@ def test_sharded_generation_matches_one_process(tmp_path):
     for x, y in zip(a, b):
         assert max(abs(u - v) for u, v in zip(x["box_a"] + x["box_b"], y["box_a"] + y["box_b"])) < 0.02
     assert len(list(tmp_path.glob("sharded.part*of2.jsonl"))) == 2
+
+
+def test_save_and_load_layout_mlp(tmp_path):
+    from compinv_utils.layout import load_layout_mlp, save_layout_mlp
+
+    feats = {n: torch.randn(8) for n in ("cat", "dog", "kite")}
+    recs = [{"a": "cat", "b": "dog", "box_a": [0, 0, .5, .5], "box_b": [.5, .5, 1, 1]}]
+    model, _ = train_layout_mlp(recs, feats, steps=5)
+    save_layout_mlp(model, tmp_path / "m.pt", "input embedding")
+    again, name = load_layout_mlp(tmp_path / "m.pt")
+    assert name == "input embedding" and again.nouns == model.nouns
+    assert predict_boxes(again, feats["cat"], feats["dog"]) == predict_boxes(model, feats["cat"], feats["dog"])
