@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install lab tutorial test test-fast test-notebooks toy-world evaluate-world strip clean
+.PHONY: install lab tutorial test test-fast test-slow toy-world evaluate-world strip clean
 
 install: $(STAMP)
 
@@ -32,7 +32,7 @@ tutorial: install
 	@echo "All chapters ran; outputs are in notebooks/."
 
 test: install
-	$(BIN)/python -m pytest -q tests -m "not slow"
+	$(BIN)/python -m pytest -q tests
 	$(BIN)/python -m pytest -q --nbval-lax --nbval-current-env notebooks/
 
 test-fast: install

@@ -143,15 +143,19 @@ class OfficialAnchorLoss:
         self.lam = check_lambda(lam)
         anchor_embeddings(pipe, [word])  # validates the word
         tok = pipe.tokenizer
-        kw = dict(padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-        self.pipe = pipe
-        self.ids_token = tok(template.format(token), **kw).input_ids.to(pipe.text_encoder.device)
+        self.kw = dict(padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        self.pipe, self.token, self.prompt = pipe, token, template.format(token)
+        self.ids_token = None  # tokenized at the first call: the placeholder is added by the inversion itself
         with torch.no_grad():
-            ids_word = tok(template.format(word), **kw).input_ids.to(pipe.text_encoder.device)
+            ids_word = tok(template.format(word), **self.kw).input_ids.to(pipe.text_encoder.device)
             self.target = pipe.text_encoder(ids_word)[0].float()
         self.last_log: dict = {}
 
     def __call__(self, rec: torch.Tensor, e: torch.Tensor, step: int) -> torch.Tensor:
+        if self.ids_token is None:
+            if self.token not in self.pipe.tokenizer.get_vocab():
+                raise ValueError(f"placeholder {self.token!r} is not in the tokenizer: use this loss inside invert()")
+            self.ids_token = self.pipe.tokenizer(self.prompt, **self.kw).input_ids.to(self.pipe.text_encoder.device)
         out = self.pipe.text_encoder(self.ids_token)[0].float()
         anc = torch.nn.functional.mse_loss(out, self.target)
         self.last_log = {"rec": rec.item(), "anc": anc.item()}

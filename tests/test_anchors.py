@@ -92,3 +92,17 @@ def test_high_lambda_keeps_the_embedding_near_the_anchors(toy_world):
     finally:
         unload(pipe, "<p1>")
         unload(pipe, "<p2>")
+
+
+def test_official_variant_pulls_the_encoder_output_toward_the_class_word(toy_world):
+    pipe, coi = toy_world.pipe, toy_world.concepts_of_interest[0]
+    cfg = InversionConfig(steps=6, batch_size=2, lr=5e-2)
+    try:
+        loss = OfficialAnchorLoss(pipe, "<p3>", coi.superclass, lam=0.95)  # made before the token exists
+        res = invert(pipe, coi.photos, "<p3>", coi.superclass, cfg, loss_fn=loss, progress=False)
+        assert res.log[0]["anc"] == pytest.approx(0.0, abs=1e-6)  # starts at the class word
+        unload(pipe, "<p3>")
+        plain = invert(pipe, coi.photos, "<p3>", coi.superclass, cfg, progress=False)
+        assert not torch.allclose(res.embeddings, plain.embeddings)  # the anchor term changes the result
+    finally:
+        unload(pipe, "<p3>")
