@@ -7,7 +7,6 @@ from itertools import combinations
 from typing import Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -97,14 +96,6 @@ def compositionality(table: dict[tuple[str, str], dict[str, float]], nouns: Sequ
         rates = [v["b"] if a == n else v["a"] for (a, b), v in table.items() if n in (a, b)]
         out[n] = float(np.mean(rates)) if rates else float("nan")
     return out
-
-
-@torch.no_grad()
-def clip_scores(world, images, texts, photos) -> dict[str, np.ndarray]:
-    """Text and image alignment together (one image-feature pass)."""
-    f = world.image_features(images)
-    return {"text": (f * world.text_features(texts)).sum(-1).numpy(),
-            "image": (f @ world.image_features(photos).T).mean(1).numpy()}
 
 
 def composition(world, subject: str, partners: Sequence[str], seeds: int = 4, seed: int = 0,
