@@ -17,19 +17,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..layout import box_iou
 from ..metrics import found, image_alignment
 from . import render
 
 EVAL_SEED = 10_000_000
-
-
-def box_iou(a, b) -> float:
-    """IoU of two ``(x0, y0, x1, y1)`` boxes."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def average_precision(scores: np.ndarray, hits: np.ndarray, n_positive: int) -> float:
