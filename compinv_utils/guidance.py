@@ -4,9 +4,12 @@ For the first ``guided_steps`` reverse steps the latent moves down the gradient 
 
     L_loc = 1/N Σ_i (1 − Σ(M_i ∘ A_i) / Σ A_i)
 
-where ``A_i`` is the cross-attention map of word ``i`` (conditional branch; averaged over heads and
-over the cross-attention layers whose maps have the chosen resolution) and ``M_i`` its box mask.
-A word of several tokens (a multi-vector ``S*``) averages its tokens' terms.
+where ``A_i`` is the cross-attention map of word ``i`` and ``M_i`` its box mask. **Which maps feed
+``A_i``** (settings of :class:`GuidanceConfig`): the conditional branch; by default every head of every
+cross-attention layer whose maps have the chosen resolution (default: the largest map height ≤ 16,
+SD 1.5's 16x16 layers, the toy world's 8x8 ones), averaged; ``heads`` picks a range of heads (the
+official code keeps half of them) and ``layers`` a subset of layers by name. A word of several
+tokens (a multi-vector ``S*``) averages its tokens' terms.
 
 **Update rule.** ``z ← z − η · σ_t² · ∇_z L_loc`` with ``σ_t² = (1 − ᾱ_t) / ᾱ_t`` (the noise level
 of the latent at step ``t``; the official code scales its gradient by the same quantity of its LMS
@@ -18,10 +21,12 @@ scheduler) and ``η = step_size``, repeated ``inner_iters`` times per guided ste
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .attention import AttentionStore, attention_store, token_indices
 from .layout import box_to_mask, check_box
@@ -35,6 +40,8 @@ class GuidanceConfig:
     stop_below: float = 0.0  # skip further updates of a step once L_loc is below this
     resolution: int | None = None  # map height that feeds A_i (None: the largest ≤ 16, SD's 16x16 / the toy's 8x8)
     loss: str = "eq8"  # "eq8" (the paper) or "official" ((1 − a)² per layer)
+    heads: tuple[int, int] | None = None  # heads [start, stop) that feed A_i (None: all heads)
+    layers: tuple[str, ...] | None = None  # only layers whose name contains one of these (None: all at `resolution`)
 
 
 def check_config(cfg: GuidanceConfig, num_steps: int) -> None:
@@ -46,6 +53,8 @@ def check_config(cfg: GuidanceConfig, num_steps: int) -> None:
         raise ValueError(f"step_size must be >= 0, got {cfg.step_size}")
     if cfg.loss not in ("eq8", "official"):
         raise ValueError(f"loss must be 'eq8' or 'official', got {cfg.loss!r}")
+    if cfg.heads is not None and not (len(cfg.heads) == 2 and 0 <= cfg.heads[0] < cfg.heads[1]):
+        raise ValueError(f"heads must be a range (start, stop) with 0 <= start < stop, got {cfg.heads}")
 
 
 def localisation_loss(maps: torch.Tensor, positions: Sequence[Sequence[int]], masks: torch.Tensor,
@@ -64,45 +73,70 @@ def localisation_loss(maps: torch.Tensor, positions: Sequence[Sequence[int]], ma
     return torch.stack(terms, 1).mean(1)
 
 
-def _official_loss(store: AttentionStore, res: int, positions, masks, batch) -> torch.Tensor:
-    losses = []
-    for layer, m in store.maps[store.step].items():
-        h, w = store.shapes[layer]
-        if h > res:
-            continue
-        x = m[batch].transpose(1, 2).reshape(-1, m.shape[-1], h, w)
-        mk = torch.stack([_resize_mask(mm, h, w) for mm in masks])
-        losses.append(localisation_loss(x, positions, mk, official=True))
-    return torch.stack(losses).mean(0)
-
-
-def _resize_mask(mask: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    return torch.nn.functional.interpolate(mask[None, None], size=(h, w), mode="nearest")[0, 0]
-
-
 def word_positions(tokenizer, prompt: str, words: Sequence[str]) -> list[list[int]]:
     """Token positions of each word in the prompt (clear error when a word is absent)."""
     return [token_indices(tokenizer, prompt, w) for w in words]
 
 
+def _layer_maps(store: AttentionStore, res: int, config: GuidanceConfig) -> list[torch.Tensor]:
+    """The current call's maps ``(B, T, h, w)`` of the layers that feed ``A_i``, heads selected and averaged."""
+    out = []
+    for layer, m in store.maps.get(store.step, {}).items():
+        h, w = store.shapes[layer]
+        if h != res or (config.layers is not None and not any(s in layer for s in config.layers)):
+            continue
+        if m.dim() == 4:  # (B, heads, HW, T)
+            if config.heads is not None:
+                if config.heads[1] > m.shape[1]:
+                    raise ValueError(f"heads {config.heads} but layer {layer} has {m.shape[1]} heads")
+                m = m[:, config.heads[0]:config.heads[1]]
+            m = m.mean(1)
+        out.append(m.transpose(1, 2).reshape(m.shape[0], m.shape[2], h, w))
+    if not out:
+        raise ValueError(f"no cross-attention layer has {res}-high maps{' and a name containing ' + str(config.layers) if config.layers else ''}; "
+                         f"maps present: {store.resolutions_present()}")
+    return out
+
+
+def _batch_loss(store, res, config, positions, masks) -> torch.Tensor:
+    """Per-sample ``L_loc`` ``(B,)``; ``positions[b]`` and ``masks[b]`` belong to sample ``b``."""
+    layer_maps = _layer_maps(store, res, config)
+    official = config.loss == "official"
+    per_layer = layer_maps if official else [torch.stack(layer_maps).mean(0)]  # eq8: average the maps first
+    losses = []
+    for b in range(layer_maps[0].shape[0]):
+        terms = [localisation_loss(m[b:b + 1], positions[b], masks[b], official=official)[0] for m in per_layer]
+        losses.append(torch.stack(terms).mean())
+    return torch.stack(losses)
+
+
+def _masks(boxes, res: int, latent_hw: tuple[int, int], device) -> torch.Tensor:
+    h, w = latent_hw
+    return torch.stack([box_to_mask(b, res, round(res * w / h)) for b in boxes]).to(device)
+
+
 def loss_and_grad(unet, store: AttentionStore, z: torch.Tensor, t, cond: torch.Tensor, positions, boxes,
-                  config: GuidanceConfig, scheduler=None) -> tuple[float, torch.Tensor]:
-    """One conditional UNet pass on latents ``z`` (requires grad) inside an active ``attention_store``;
-    returns ``L_loc`` and its gradient with respect to ``z``."""
+                  config: GuidanceConfig, scheduler=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One conditional UNet pass on latents ``z`` ``(B, ...)`` (requires grad) inside an active
+    ``attention_store`` (made with ``keep_grad=True``). ``positions``/``boxes`` are one word list per
+    sample, or a single one shared by all samples. Returns per-sample ``L_loc`` ``(B,)`` (detached) and
+    ``∇_z Σ_b L_loc`` (samples are independent in the UNet, so each gets its own gradient)."""
+    B = z.shape[0]
+    if positions and isinstance(positions[0][0], int):  # one word list shared by the batch
+        positions, boxes = [positions] * B, [boxes] * B
     store.enabled = True
-    with torch.enable_grad():
-        x = scheduler.scale_model_input(z, t) if scheduler is not None else z
-        unet(x, t, cond)
-        r = config.resolution or store.default_resolution()
-        masks = torch.stack([box_to_mask(b, r, round(r * z.shape[-1] / z.shape[-2])) for b in boxes]).to(z.device)
-        if config.loss == "eq8":
-            loss = localisation_loss(store.token_maps(steps=store.step, res=r), positions, masks)[0]
-        else:
-            loss = _official_loss(store, r, positions, masks, slice(0, 1))[0]
-        (grad,) = torch.autograd.grad(loss, z)
-    store.maps.clear()
-    store.enabled = False
-    return loss.item(), grad
+    try:
+        with torch.enable_grad():
+            x = scheduler.scale_model_input(z, t) if scheduler is not None else z
+            unet(x, t, cond)
+            r = config.resolution or store.default_resolution()
+            masks = [_masks(bx, r, tuple(z.shape[-2:]), z.device) for bx in boxes]
+            loss = _batch_loss(store, r, config, positions, masks)
+            (grad,) = torch.autograd.grad(loss.sum(), z)
+    finally:
+        store.maps.clear()
+        store.enabled = False
+    return loss.detach(), grad
 
 
 @torch.no_grad()
@@ -111,52 +145,134 @@ def _decode(pipe, latents):
     return pipe.image_processor.postprocess(image, output_type="pil")
 
 
+@dataclass
+class GuidedOutput:
+    """What :func:`guided_generate` returns.
+
+    ``losses``: ``(updates, n_images)`` ``L_loc`` at every guided update (NaN where a sample had stopped).
+    With ``record=True``: ``maps`` ``(n_images, n_words, h, w)``, each word's attention averaged over the
+    denoising steps (conditional branch, the layers that feed ``A_i``), and ``inside`` ``(steps, n_images,
+    n_words)``, the fraction of each word's attention mass inside its box at every denoising step.
+    """
+
+    images: list
+    losses: np.ndarray
+    maps: torch.Tensor | None = None
+    inside: np.ndarray | None = None
+    passes: dict = field(default_factory=dict)
+
+
+def guided_generate(world, prompts: Sequence[str], words, boxes, seeds: Sequence[int] | None = None, seed: int = 0,
+                    config: GuidanceConfig = GuidanceConfig(), batch_size: int = 8,
+                    num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                    height: int | None = None, width: int | None = None, record: bool = False,
+                    progress: bool = False) -> GuidedOutput:
+    """Images for ``prompts`` with the attention of each prompt's ``words`` steered into its ``boxes``.
+
+    ``words``/``boxes``: one list per prompt, or a single list shared by all prompts. Image ``i`` uses
+    seed ``seeds[i]`` (default ``seed + i``) and the same initial noise as :meth:`World.generate`, so
+    ``guided_steps=0`` reproduces the pipeline. ``record=True`` also records where each word attends
+    during denoising (for guided and, with ``guided_steps=0``, plain sampling). The UNet's attention
+    processors are restored afterwards, also after an exception.
+    """
+    pipe = world.pipe
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    n = len(prompts)
+    if words and isinstance(words[0], str):
+        words = [list(words)] * n
+    if len(boxes) and np.ndim(boxes[0]) == 1:  # one box list shared by all prompts
+        boxes = [list(boxes)] * n
+    if len(words) != n or len(boxes) != n:
+        raise ValueError(f"{n} prompts but {len(words)} word lists and {len(boxes)} box lists: give one per prompt (or one shared)")
+    seeds = list(range(seed, seed + n)) if seeds is None else list(seeds)
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} prompts")
+    steps = num_inference_steps or world.num_inference_steps
+    cfg_scale = world.guidance_scale if guidance_scale is None else guidance_scale
+    if steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
+    check_config(config, steps)
+    if cfg_scale < 1:
+        raise ValueError(f"guidance_scale must be >= 1 (1 turns classifier-free guidance off), got {cfg_scale}")
+    for p, ws, bs in zip(prompts, words, boxes):
+        if len(ws) != len(bs):
+            raise ValueError(f"{len(bs)} boxes for {len(ws)} words in {p!r}: give one box per word")
+    boxes = [[check_box(b, f"box of {w!r}") for w, b in zip(ws, bs)] for ws, bs in zip(words, boxes)]
+    positions = [word_positions(pipe.tokenizer, p, ws) for p, ws in zip(prompts, words)]
+    if record and len({len(ws) for ws in words}) > 1:
+        raise ValueError("record=True needs the same number of words in every prompt")
+
+    device, unet, sched = world.device, pipe.unet, pipe.scheduler
+    f = pipe.vae_scale_factor
+    h, w = (height or unet.config.sample_size * f) // f, (width or unet.config.sample_size * f) // f
+    dev = "cpu" if device.type == "mps" else device
+    images, all_losses, all_maps, all_inside = [], [], [], []
+    passes = {"cfg_forward": 0, "guided_forward": 0, "guided_backward": 0, "images": n}
+    store = AttentionStore(keep_grad=True, keep_similarity=False, average_heads=False)
+    with attention_store(unet, store):
+        for lo in tqdm(range(0, n, batch_size), desc="guided", disable=not progress):
+            sl = slice(lo, min(lo + batch_size, n))
+            B = sl.stop - sl.start
+            cond, uncond = pipe.encode_prompt(prompts[sl], device, 1, True)
+            latents = torch.cat([torch.randn((1, unet.config.in_channels, h, w), device=device, dtype=cond.dtype,
+                                             generator=torch.Generator(dev).manual_seed(s)) for s in seeds[sl]])
+            sched.set_timesteps(steps, device=device)
+            latents = latents * sched.init_noise_sigma
+            alphas = sched.alphas_cumprod.to(device)
+            losses, maps_acc, inside = [], None, []
+            for i, t in enumerate(sched.timesteps):
+                if i < config.guided_steps:
+                    sigma2 = float((1 - alphas[t]) / alphas[t])
+                    active = torch.ones(B, dtype=torch.bool, device=device)
+                    for _ in range(config.inner_iters):
+                        z = latents.detach().requires_grad_(True)
+                        loss, grad = loss_and_grad(unet, store, z, t, cond, positions[sl], boxes[sl], config, sched)
+                        passes["guided_forward"] += 1
+                        passes["guided_backward"] += 1
+                        losses.append(torch.where(active, loss, torch.nan).cpu().numpy())
+                        step = (config.step_size * sigma2 * grad) * active.view(-1, 1, 1, 1).to(grad.dtype)
+                        latents = (z - step).detach()
+                        active &= loss >= config.stop_below
+                        if not active.any():
+                            break
+                store.enabled = record
+                with torch.no_grad():
+                    x = sched.scale_model_input(torch.cat([latents] * 2), t)
+                    eps = unet(x, t, torch.cat([uncond, cond])).sample
+                    passes["cfg_forward"] += 1
+                    if record:
+                        r = config.resolution or store.default_resolution()
+                        m = torch.stack(_layer_maps(store, r, config)).mean(0)[B:]  # conditional half
+                        m = torch.stack([torch.stack([m[b, pos].mean(0) for pos in positions[sl][b]])
+                                         for b in range(B)])  # (B, words, h, w)
+                        masks = torch.stack([_masks(bx, r, (h, w), device) for bx in boxes[sl]])
+                        inside.append(((m * masks).sum((-1, -2)) / m.sum((-1, -2)).clamp(min=1e-12)).cpu().numpy())
+                        maps_acc = m if maps_acc is None else maps_acc + m
+                        store.maps.clear()
+                    store.enabled = False
+                    e_u, e_c = eps.chunk(2)
+                    latents = sched.step(e_u + cfg_scale * (e_c - e_u), t, latents).prev_sample
+            images += _decode(pipe, latents)
+            all_losses.append(np.array(losses).reshape(len(losses), B))
+            if record:
+                all_maps.append((maps_acc / len(sched.timesteps)).float().cpu())
+                all_inside.append(np.stack(inside))
+    out = GuidedOutput(images, np.concatenate(all_losses, 1), passes=passes)
+    if record:
+        out.maps, out.inside = torch.cat(all_maps), np.concatenate(all_inside, 1)
+    return out
+
+
 def guided_sample(world, prompt: str, words: Sequence[str], boxes: Sequence[Sequence[float]], seed: int = 0,
                   config: GuidanceConfig = GuidanceConfig(), num_inference_steps: int | None = None,
                   guidance_scale: float | None = None, return_losses: bool = False, height: int | None = None,
                   width: int | None = None):
-    """One image for ``prompt`` with the attention of each of ``words`` steered into its box.
-
-    ``height``/``width`` default to the world's image size. Returns the PIL image (and, with ``return_losses``, ``L_loc`` at every guided update). The UNet's
-    attention processors are restored afterwards, also after an exception.
-    """
-    pipe = world.pipe
-    steps = num_inference_steps or world.num_inference_steps
-    cfg_scale = world.guidance_scale if guidance_scale is None else guidance_scale
-    check_config(config, steps)
-    if cfg_scale < 1:
-        raise ValueError(f"guidance_scale must be >= 1 (1 turns classifier-free guidance off), got {cfg_scale}")
+    """One image for ``prompt`` (see :func:`guided_generate`). ``height``/``width`` default to the world's
+    image size. Returns the PIL image (and, with ``return_losses``, ``L_loc`` at every guided update)."""
     if len(words) != len(boxes):
         raise ValueError(f"{len(boxes)} boxes for {len(words)} words: give one box per word")
-    boxes = [check_box(b, f"box of {w!r}") for w, b in zip(words, boxes)]
-    positions = word_positions(pipe.tokenizer, prompt, words)
-    device, unet, sched = world.device, pipe.unet, pipe.scheduler
-    cond, uncond = pipe.encode_prompt(prompt, device, 1, True)
-    f = pipe.vae_scale_factor
-    h, w = (height or unet.config.sample_size * f) // f, (width or unet.config.sample_size * f) // f
-    gen = torch.Generator("cpu" if device.type == "mps" else device).manual_seed(seed)
-    latents = torch.randn((1, unet.config.in_channels, h, w), generator=gen, device=device, dtype=cond.dtype)
-    sched.set_timesteps(steps, device=device)
-    latents = latents * sched.init_noise_sigma
-    alphas = sched.alphas_cumprod.to(device)
-    losses: list[float] = []
-    store = AttentionStore(keep_grad=True, keep_similarity=False)
-    with attention_store(unet, store):
-        for i, t in enumerate(sched.timesteps):
-            if i < config.guided_steps:
-                sigma2 = float((1 - alphas[t]) / alphas[t])
-                for _ in range(config.inner_iters):
-                    z = latents.detach().requires_grad_(True)
-                    loss, grad = loss_and_grad(unet, store, z, t, cond, positions, boxes, config, sched)
-                    losses.append(loss)
-                    latents = (z - config.step_size * sigma2 * grad).detach()
-                    if loss < config.stop_below:
-                        break
-            store.enabled = False
-            with torch.no_grad():
-                x = sched.scale_model_input(torch.cat([latents] * 2), t)
-                eps = unet(x, t, torch.cat([uncond, cond])).sample
-                e_u, e_c = eps.chunk(2)
-                latents = sched.step(e_u + cfg_scale * (e_c - e_u), t, latents).prev_sample
-    image = _decode(pipe, latents)[0]
-    return (image, losses) if return_losses else image
+    out = guided_generate(world, [prompt], [list(words)], [list(boxes)], seeds=[seed], config=config,
+                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                          height=height, width=width)
+    losses = [float(x) for x in out.losses[:, 0] if not np.isnan(x)]
+    return (out.images[0], losses) if return_losses else out.images[0]

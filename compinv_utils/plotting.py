@@ -68,16 +68,21 @@ def bar_chart(values: dict[str, float], title: str = "", ylabel: str = "", thres
     return fig
 
 
-def attention_overlays(image: Image.Image, maps, titles: Sequence[str], row_labels: Sequence[str] | None = None,
+def attention_overlays(image: Image.Image | Sequence[Image.Image], maps, titles: Sequence[str], row_labels: Sequence[str] | None = None,
                        size: float = 1.3):
-    """Per-token attention maps over an image. ``maps``: array ``(rows, cols, h, w)`` (or ``(cols, h, w)``)."""
+    """Per-token attention maps over an image. ``maps``: array ``(rows, cols, h, w)`` (or ``(cols, h, w)``);
+    ``image``: one image, or a list with one image per row."""
     maps = np.asarray(maps, dtype=float)
     if maps.ndim == 3:
         maps = maps[None]
     rows, cols = maps.shape[:2]
+    images = list(image) if isinstance(image, (list, tuple)) else [image] * rows
+    if len(images) != rows:
+        raise ValueError(f"{len(images)} images for {rows} rows of maps")
     fig, axes = plt.subplots(rows, cols + 1, figsize=((cols + 1) * size, rows * size * 1.15), squeeze=False, dpi=DPI)
-    w, h = image.size
     for r in range(rows):
+        image = images[r]
+        w, h = image.size
         axes[r, 0].imshow(np.asarray(image), interpolation="nearest")
         axes[r, 0].set_title("image" if r == 0 else "", fontsize=7)
         if row_labels is not None:

@@ -1,0 +1,118 @@
+import numpy as np
+import pytest
+import torch
+
+from compinv_utils import evaluation as V
+from compinv_utils import metrics as M
+from compinv_utils.embeddings import input_embeddings
+from compinv_utils.guidance import GuidanceConfig, guided_generate
+from compinv_utils.inversion import save_embedding
+from compinv_utils.layout import LayoutMLP
+
+BOXES = [(0.0, 0.1, 0.5, 0.9), (0.5, 0.1, 1.0, 0.9)]
+
+
+def test_batched_guidance_matches_one_image_at_a_time(toy_world):
+    cfg = GuidanceConfig(guided_steps=2, inner_iters=2)
+    prompts = ["a cat and a kite", "a barn and a boat"]
+    words = [["cat", "kite"], ["barn", "boat"]]
+    kw = dict(config=cfg, num_inference_steps=4)
+    both = guided_generate(toy_world, prompts, words, [BOXES, BOXES[::-1]], seeds=[3, 4], batch_size=2, **kw)
+    one = guided_generate(toy_world, prompts[1:], words[1:], [BOXES[::-1]], seeds=[4], **kw)
+    assert both.losses.shape == (4, 2)
+    np.testing.assert_allclose(both.losses[:, 1], one.losses[:, 0], rtol=1e-4, atol=1e-5)
+    diff = np.abs(np.asarray(both.images[1], float) - np.asarray(one.images[0], float)).max()
+    assert diff <= 2
+    assert both.passes == {"cfg_forward": 4, "guided_forward": 4, "guided_backward": 4, "images": 2}
+
+
+def test_guidance_moves_recorded_attention_into_the_boxes(toy_world):
+    kw = dict(seeds=[0, 1, 2, 3], num_inference_steps=10, record=True)
+    prompts, words = ["a cat and a kite"] * 4, ["cat", "kite"]
+    plain = guided_generate(toy_world, prompts, words, BOXES, config=GuidanceConfig(guided_steps=0), **kw)
+    guided = guided_generate(toy_world, prompts, words, BOXES, config=GuidanceConfig(guided_steps=4), **kw)
+    assert plain.maps.shape == (4, 2, 8, 8) and plain.inside.shape == (10, 4, 2)
+    assert np.all((plain.inside >= 0) & (plain.inside <= 1))
+    assert guided.inside[:4].mean() > plain.inside[:4].mean() + 0.05
+    assert guided.losses[-1].mean() < guided.losses[0].mean()
+
+
+def test_guidance_settings_are_checked(toy_world):
+    g = lambda cfg, **kw: guided_generate(toy_world, ["a cat and a kite"], ["cat", "kite"], BOXES,  # noqa: E731
+                                          config=cfg, num_inference_steps=3, **kw)
+    with pytest.raises(ValueError, match="no cross-attention layer has 5-high maps"):
+        g(GuidanceConfig(guided_steps=1, resolution=5))
+    with pytest.raises(ValueError, match="heads"):
+        g(GuidanceConfig(guided_steps=1, heads=(2, 1)))
+    with pytest.raises(ValueError, match="heads \\(0, 99\\)"):
+        g(GuidanceConfig(guided_steps=1, heads=(0, 99)))
+    with pytest.raises(ValueError, match="2 seeds for 1 prompts"):
+        g(GuidanceConfig(), seeds=[0, 1])
+    with pytest.raises(ValueError, match="num_inference_steps must be >= 1"):
+        guided_generate(toy_world, ["a cat"], ["cat"], [BOXES[0]], num_inference_steps=-1)
+    out = g(GuidanceConfig(guided_steps=1, heads=(0, 1), layers=("up_blocks",)))
+    assert out.losses.shape == (3, 1)
+
+
+@pytest.fixture()
+def inversions(toy_world, tmp_path):
+    """Two fake 'inversions' per concept: the class noun's embedding (plain) and a scaled copy (semantic)."""
+    for c in toy_world.concepts_of_interest[:2]:
+        e = input_embeddings(toy_world.pipe, [c.superclass])[0]
+        save_embedding(tmp_path / "plain" / c.name / "learned_embeds.safetensors", c.token, e[None])
+        save_embedding(tmp_path / "semantic" / c.name / "learned_embeds.safetensors", c.token, 0.5 * e[None])
+    return tmp_path
+
+
+def _layouts(toy_world):
+    torch.manual_seed(0)
+    dim = toy_world.pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    feats = {n: torch.randn(dim) for n in toy_world.concepts}
+    return V.Layouts(LayoutMLP(dim), feats)
+
+
+def test_table1_records_resume_and_summary(toy_world, inversions, monkeypatch):
+    cs = toy_world.concepts_of_interest[:2]
+    partners_for = lambda c: M.partners(toy_world, c.superclass, ["kite", "car"], k=1)  # noqa: E731
+    cache = inversions / "table1.json"
+    kw = dict(seeds=1, pair_seeds=1, concepts=cs, cache=cache, guidance=GuidanceConfig(guided_steps=2, inner_iters=1),
+              progress=False)
+    toy_world.num_inference_steps = 4
+    try:
+        recs = V.table1(toy_world, partners_for, inversions, _layouts(toy_world), **kw)
+        assert len(recs) == 4 * (2 + len(V.concept_pairs(toy_world, cs)))
+        r = recs[0]
+        assert set(r) == {"setting", "method", "concepts", "partner", "seed", "prompt", "text_alignment", "coi",
+                          "partner_found", "image_alignment"}
+        assert r["prompt"] == f"a {cs[0].token} {cs[0].superclass} and {M.article(r['partner'])}"
+        assert all(-1 <= x["text_alignment"] <= 1 and x["coi"][0] in (0.0, 1.0) for x in recs)
+        assert {x["method"] for x in recs} == set(V.METHODS)
+        # TI and +spatial differ (guidance changed the images); no placeholder is left loaded
+        ti = V.column(recs, "noun", "TI", "text_alignment")
+        sp = V.column(recs, "noun", "+spatial", "text_alignment")
+        assert not np.allclose(ti, sp)
+        assert cs[0].token not in toy_world.pipe.tokenizer.get_vocab()
+        # resume: everything comes from the cache now
+        monkeypatch.setattr(V, "evaluate_group", lambda *a, **k: pytest.fail("recomputed a cached group"))
+        assert V.table1(toy_world, partners_for, inversions, _layouts(toy_world), **kw) == recs
+        table = V.summarise(recs)
+        assert table[("noun", "TI")]["n"][0] == 2 and "partner_found" in table[("noun", "TI")]
+    finally:
+        toy_world.num_inference_steps = 25
+
+
+def test_evaluation_bad_input(toy_world, inversions, tmp_path):
+    c = toy_world.concepts_of_interest[0]
+    with pytest.raises(ValueError, match="unknown method"):
+        V.evaluate_group(toy_world, "noun", "DreamBooth", [c], ["kite"], 1, inversions)
+    with pytest.raises(ValueError, match="needs the layout MLP"):
+        V.evaluate_group(toy_world, "noun", "+both", [c], ["kite"], 1, inversions)
+    with pytest.raises(FileNotFoundError, match="run chapter 01"):
+        V.evaluate_group(toy_world, "noun", "TI", [toy_world.concepts_of_interest[4]], ["kite"], 1, inversions)
+    with pytest.raises(ValueError, match="unknown noun"):
+        V.evaluate_group(toy_world, "noun", "TI", [c], ["zebra"], 1, inversions)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="move it away"):
+        V.table1(toy_world, lambda c: ["kite"], inversions, None, cache=bad, progress=False)
+    assert bad.read_text() == "{not json"
