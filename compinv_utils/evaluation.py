@@ -64,9 +64,10 @@ def _group_key(setting: str, method: str, names: Sequence[str]) -> str:
 
 def evaluate_group(world, setting: str, method: str, concepts: Sequence, partners: Sequence[str], seeds: int,
                    inversions: str | Path, layouts: Layouts | None = None, guidance: GuidanceConfig = GuidanceConfig(),
-                   batch_size: int = 16) -> list[dict]:
+                   batch_size: int = 16, images_out: list | None = None) -> list[dict]:
     """The records of one concept (``setting="noun"``, one prompt per partner and seed) or one pair of
-    concepts (``setting="concept"``, one prompt per seed) under one method."""
+    concepts (``setting="concept"``, one prompt per seed) under one method. The images are appended to
+    ``images_out`` when it is given."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
     if setting not in ("noun", "concept"):
@@ -100,6 +101,8 @@ def evaluate_group(world, setting: str, method: str, concepts: Sequence, partner
                                      batch_size=batch_size).images
         else:
             images = world.generate(prompts, seeds=seed_list, batch_size=batch_size)
+        if images_out is not None:
+            images_out.extend(images)
         dets = world.detect(images)
         text = M.text_alignment(world, images, texts)
         img = np.mean([M.image_alignment(world, images, c.photos) for c in concepts], 0)
@@ -144,8 +147,7 @@ def table1(world, partners_for, inversions: str | Path, layouts: Layouts, seeds:
             tmp = cache.with_suffix(".tmp")
             tmp.write_text(json.dumps({"groups": done}, indent=0))
             tmp.replace(cache)
-    wanted = {_group_key(s, m, [c.name for c in cs]) for s, m, cs in groups}
-    return [r for k, rs in done.items() if k in wanted for r in rs]
+    return [r for s, m, cs in groups for r in done[_group_key(s, m, [c.name for c in cs])]]
 
 
 def summarise(records: Sequence[dict], seed: int = 0) -> dict[tuple[str, str], dict[str, tuple[float, float, float]]]:
@@ -174,3 +176,20 @@ def column(records: Sequence[dict], setting: str, method: str, metric: str) -> n
     if not vals:
         raise ValueError(f"no records for setting={setting!r}, method={method!r}")
     return np.array([np.mean(v) if isinstance(v, list) else v for v in vals], dtype=float)
+
+
+def paired_difference(records: Sequence[dict], setting: str, method: str, metric: str, base: str = "TI") -> np.ndarray:
+    """Per-image ``metric`` of ``method`` minus that of ``base`` on the same prompt and seed."""
+    def values(m):
+        out = {}
+        for r in records:
+            if r["setting"] == setting and r["method"] == m:
+                v = r[metric]
+                out[(tuple(r["concepts"]), r["partner"], r["seed"])] = float(np.mean(v)) if isinstance(v, list) else float(v)
+        return out
+
+    a, b = values(method), values(base)
+    if not a or set(a) != set(b):
+        raise ValueError(f"{method!r} and {base!r} do not cover the same prompts and seeds in setting {setting!r}")
+    keys = sorted(a)
+    return np.array([a[k] - b[k] for k in keys])

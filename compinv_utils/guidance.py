@@ -11,10 +11,13 @@ SD 1.5's 16x16 layers, the toy world's 8x8 ones), averaged; ``heads`` picks a ra
 official code keeps half of them) and ``layers`` a subset of layers by name. A word of several
 tokens (a multi-vector ``S*``) averages its tokens' terms.
 
-**Update rule.** ``z ← z − η · σ_t² · ∇_z L_loc`` with ``σ_t² = (1 − ᾱ_t) / ᾱ_t`` (the noise level
-of the latent at step ``t``; the official code scales its gradient by the same quantity of its LMS
-scheduler) and ``η = step_size``, repeated ``inner_iters`` times per guided step (or until
-``L_loc`` falls below ``stop_below``). Classifier-free guidance then denoises as usual.
+**Update rule.** ``z ← z − η · (1 − ᾱ_t) · ∇_z L_loc`` with ``η = step_size``, repeated
+``inner_iters`` times per guided step (or until ``L_loc`` falls below ``stop_below``); classifier-free
+guidance then denoises as usual. Why ``1 − ᾱ_t``: the official code runs an LMS scheduler, whose
+latents live in the variance-exploding scale ``x = z / √ᾱ_t``, and updates ``x ← x − η σ_t² ∇_x L``
+with ``σ_t² = (1 − ᾱ_t) / ᾱ_t``. Since ``∇_x L = √ᾱ_t ∇_z L``, that is exactly
+``z ← z − η (1 − ᾱ_t) ∇_z L`` for the DDIM-scale latents ``z`` used here. (Scaling the gradient of
+``z`` by ``σ_t²`` instead would overshoot by ``1/ᾱ_t``, about 200× at the first step, and wreck the image.)
 
 ``loss="official"`` is the official code's variant: ``(1 − a)²`` per layer, averaged over layers.
 """
@@ -36,7 +39,7 @@ from .layout import box_to_mask, check_box
 class GuidanceConfig:
     guided_steps: int = 10  # the first reverse steps that are guided (the paper: 10)
     inner_iters: int = 3  # latent updates per guided step
-    step_size: float = 30.0  # η in z ← z − η σ_t² ∇L (the official code's loss scale is 30)
+    step_size: float = 30.0  # η in z ← z − η (1 − ᾱ_t) ∇L (the official code's loss scale is 30)
     stop_below: float = 0.0  # skip further updates of a step once L_loc is below this
     resolution: int | None = None  # map height that feeds A_i (None: the largest ≤ 16, SD's 16x16 / the toy's 8x8)
     loss: str = "eq8"  # "eq8" (the paper) or "official" ((1 − a)² per layer)
@@ -222,7 +225,7 @@ def guided_generate(world, prompts: Sequence[str], words, boxes, seeds: Sequence
             losses, maps_acc, inside = [], None, []
             for i, t in enumerate(sched.timesteps):
                 if i < config.guided_steps:
-                    sigma2 = float((1 - alphas[t]) / alphas[t])
+                    scale = float(1 - alphas[t])  # = ᾱ_t σ_t²: the official LMS update in DDIM scale
                     active = torch.ones(B, dtype=torch.bool, device=device)
                     for _ in range(config.inner_iters):
                         z = latents.detach().requires_grad_(True)
@@ -230,7 +233,7 @@ def guided_generate(world, prompts: Sequence[str], words, boxes, seeds: Sequence
                         passes["guided_forward"] += 1
                         passes["guided_backward"] += 1
                         losses.append(torch.where(active, loss, torch.nan).cpu().numpy())
-                        step = (config.step_size * sigma2 * grad) * active.view(-1, 1, 1, 1).to(grad.dtype)
+                        step = (config.step_size * scale * grad) * active.view(-1, 1, 1, 1).to(grad.dtype)
                         latents = (z - step).detach()
                         active &= loss >= config.stop_below
                         if not active.any():
@@ -276,3 +279,71 @@ def guided_sample(world, prompt: str, words: Sequence[str], boxes: Sequence[Sequ
                           height=height, width=width)
     losses = [float(x) for x in out.losses[:, 0] if not np.isnan(x)]
     return (out.images[0], losses) if return_losses else out.images[0]
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_cost(world, prompts: Sequence[str], words, boxes, seeds: Sequence[int] | None = None,
+                 config: GuidanceConfig = GuidanceConfig(), reps: int = 5, **kwargs) -> dict:
+    """Wall time of plain vs guided sampling of the same batch, and the *pass-count floor*.
+
+    Plain sampling makes one classifier-free-guidance UNet call per step (batch 2B); guided sampling adds
+    one conditional forward pass that keeps the graph (batch B) and one backward pass per update. Each
+    kind of pass is timed on its own (``reps`` times, after a warm-up); the floor is the time the passes
+    alone would take, as a multiple of plain sampling's. ``vs_floor`` = measured ratio / floor ratio.
+    """
+    import time
+
+    prompts = list(prompts)
+    B = len(prompts)
+    if "batch_size" in kwargs:
+        raise ValueError("measure_cost runs the prompts as one batch; leave batch_size out")
+    kwargs["batch_size"] = B
+    dev = world.device
+    guided_generate(world, prompts[:1], words[:1] if not isinstance(words[0], str) else words,
+                    boxes[:1] if np.ndim(boxes[0]) != 1 else boxes, config=GuidanceConfig(guided_steps=1, inner_iters=1),
+                    num_inference_steps=2, height=kwargs.get("height"), width=kwargs.get("width"))  # warm-up
+    timings = {}
+    for name, cfg in (("plain", GuidanceConfig(guided_steps=0)), ("guided", config)):
+        _sync(dev)
+        t = time.perf_counter()
+        out = guided_generate(world, prompts, words, boxes, seeds=seeds, config=cfg, **kwargs)
+        _sync(dev)
+        timings[name] = time.perf_counter() - t
+    passes = out.passes
+    pipe, unet = world.pipe, world.pipe.unet
+    cond, uncond = pipe.encode_prompt(prompts, dev, 1, True)
+    h = kwargs.get("height") or unet.config.sample_size * pipe.vae_scale_factor
+    w = kwargs.get("width") or unet.config.sample_size * pipe.vae_scale_factor
+    f = pipe.vae_scale_factor
+    z = torch.randn(B, unet.config.in_channels, h // f, w // f, device=dev, dtype=cond.dtype)
+    pipe.scheduler.set_timesteps(kwargs.get("num_inference_steps") or world.num_inference_steps, device=dev)
+    t0 = pipe.scheduler.timesteps[0]
+    with torch.no_grad():
+        unet(torch.cat([z] * 2), t0, torch.cat([uncond, cond]))
+        _sync(dev)
+        t = time.perf_counter()
+        for _ in range(reps):
+            unet(torch.cat([z] * 2), t0, torch.cat([uncond, cond]))
+        _sync(dev)
+        t_cfg = (time.perf_counter() - t) / reps
+    ws = [list(words)] * B if isinstance(words[0], str) else [list(x) for x in words]
+    bs = [list(boxes)] * B if np.ndim(boxes[0]) == 1 else [list(x) for x in boxes]
+    positions = [word_positions(pipe.tokenizer, p, x) for p, x in zip(prompts, ws)]
+    with attention_store(unet, AttentionStore(keep_grad=True, keep_similarity=False, average_heads=False)) as store:
+        loss_and_grad(unet, store, z.clone().requires_grad_(True), t0, cond, positions, bs, config)
+        _sync(dev)
+        t = time.perf_counter()
+        for _ in range(reps):
+            loss_and_grad(unet, store, z.clone().requires_grad_(True), t0, cond, positions, bs, config)
+        _sync(dev)
+        t_fb = (time.perf_counter() - t) / reps
+    n_cfg, n_fb = passes["cfg_forward"], passes["guided_forward"]
+    floor = (n_cfg * t_cfg + n_fb * t_fb) / (n_cfg * t_cfg)
+    measured = timings["guided"] / timings["plain"]
+    return {"images": B, "plain_s": timings["plain"], "guided_s": timings["guided"], "cfg_forward_s": t_cfg,
+            "guided_forward_backward_s": t_fb, "cfg_forwards": n_cfg, "guided_forward_backwards": n_fb,
+            "measured_ratio": measured, "floor_ratio": floor, "vs_floor": measured / floor}
