@@ -80,23 +80,23 @@ def evaluate_group(world, setting: str, method: str, concepts: Sequence, partner
         path = Path(inversions) / which / c.name / "learned_embeds.safetensors"
         if not path.exists():
             raise FileNotFoundError(f"no {which} inversion of {c.name} at {path}: run chapter 01 (plain) or 03 (semantic) first")
-        unload(pipe, c.token)
-        load_embedding(pipe, path)
+        load_embedding(pipe, path)  # replaces any embedding of the same token
     try:
         if setting == "noun":
             (c,) = concepts
             world.check_nouns(partners)
             jobs = [(f"a {c.token} {c.superclass} and {M.article(x)}", x, s) for x in partners for s in range(seeds)]
-            texts = [f"a {c.superclass} and {M.article(x)}" for _, x, _ in jobs]
+            texts = [M.pair_prompt(c.superclass, x) for _, x, _ in jobs]
             words = [[c.token, x] for _, x, _ in jobs]
         else:
             c1, c2 = concepts
             jobs = [(f"a {c1.token} {c1.superclass} and a {c2.token} {c2.superclass}", None, s) for s in range(seeds)]
-            texts = [f"a {c1.superclass} and a {c2.superclass}"] * len(jobs)
+            texts = [M.pair_prompt(c1.superclass, c2.superclass)] * len(jobs)
             words = [[c1.token, c2.token]] * len(jobs)
         prompts, seed_list = [j[0] for j in jobs], [j[2] for j in jobs]
         if spatial:
-            boxes = [list(layouts.boxes(pipe, *w)) for w in words]
+            planned = {tuple(w): list(layouts.boxes(pipe, *w)) for w in words}  # one nearest-noun search per pair
+            boxes = [planned[tuple(w)] for w in words]
             images = guided_generate(world, prompts, words, boxes, seeds=seed_list, config=guidance,
                                      batch_size=batch_size).images
         else:
@@ -161,7 +161,7 @@ def summarise(records: Sequence[dict], seed: int = 0) -> dict[tuple[str, str], d
         row = {"n": (len(rs),) * 3}
         row["text_alignment"] = M.bootstrap_ci([r["text_alignment"] for r in rs], seed=seed)
         row["image_alignment"] = M.bootstrap_ci([r["image_alignment"] for r in rs], seed=seed)
-        row["coi"] = M.bootstrap_ci([np.mean(r["coi"]) for r in rs], seed=seed)
+        row["coi"] = M.bootstrap_ci([_scalar(r["coi"]) for r in rs], seed=seed)
         if key[0] == "noun":
             row["partner_found"] = M.bootstrap_ci([r["partner_found"] for r in rs], seed=seed)
         else:
@@ -170,12 +170,17 @@ def summarise(records: Sequence[dict], seed: int = 0) -> dict[tuple[str, str], d
     return table
 
 
+def _scalar(v) -> float:
+    """A record's metric as one number (``coi`` lists are averaged over the concepts)."""
+    return float(np.mean(v)) if isinstance(v, list) else float(v)
+
+
 def column(records: Sequence[dict], setting: str, method: str, metric: str) -> np.ndarray:
     """Per-image values of one metric for one (setting, method), in record order."""
     vals = [r[metric] for r in records if r["setting"] == setting and r["method"] == method]
     if not vals:
         raise ValueError(f"no records for setting={setting!r}, method={method!r}")
-    return np.array([np.mean(v) if isinstance(v, list) else v for v in vals], dtype=float)
+    return np.array([_scalar(v) for v in vals], dtype=float)
 
 
 def paired_difference(records: Sequence[dict], setting: str, method: str, metric: str, base: str = "TI") -> np.ndarray:
@@ -184,8 +189,7 @@ def paired_difference(records: Sequence[dict], setting: str, method: str, metric
         out = {}
         for r in records:
             if r["setting"] == setting and r["method"] == m:
-                v = r[metric]
-                out[(tuple(r["concepts"]), r["partner"], r["seed"])] = float(np.mean(v)) if isinstance(v, list) else float(v)
+                out[(tuple(r["concepts"]), r["partner"], r["seed"])] = _scalar(r[metric])
         return out
 
     a, b = values(method), values(base)

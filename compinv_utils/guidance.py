@@ -24,6 +24,7 @@ with ``σ_t² = (1 − ᾱ_t) / ᾱ_t``. Since ``∇_x L = √ᾱ_t ∇_z L``, t
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -165,6 +166,15 @@ class GuidedOutput:
     passes: dict = field(default_factory=dict)
 
 
+def _per_prompt(words, boxes, n: int) -> tuple[list, list]:
+    """``words``/``boxes`` as one list per prompt (a single shared list is repeated ``n`` times)."""
+    if words and isinstance(words[0], str):
+        words = [list(words)] * n
+    if len(boxes) and np.ndim(boxes[0]) == 1:  # one box list shared by all prompts
+        boxes = [list(boxes)] * n
+    return [list(w) for w in words], [list(b) for b in boxes]
+
+
 def guided_generate(world, prompts: Sequence[str], words, boxes, seeds: Sequence[int] | None = None, seed: int = 0,
                     config: GuidanceConfig = GuidanceConfig(), batch_size: int = 8,
                     num_inference_steps: int | None = None, guidance_scale: float | None = None,
@@ -181,10 +191,7 @@ def guided_generate(world, prompts: Sequence[str], words, boxes, seeds: Sequence
     pipe = world.pipe
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     n = len(prompts)
-    if words and isinstance(words[0], str):
-        words = [list(words)] * n
-    if len(boxes) and np.ndim(boxes[0]) == 1:  # one box list shared by all prompts
-        boxes = [list(boxes)] * n
+    words, boxes = _per_prompt(words, boxes, n)
     if len(words) != n or len(boxes) != n:
         raise ValueError(f"{n} prompts but {len(words)} word lists and {len(boxes)} box lists: give one per prompt (or one shared)")
     seeds = list(range(seed, seed + n)) if seeds is None else list(seeds)
@@ -222,7 +229,7 @@ def guided_generate(world, prompts: Sequence[str], words, boxes, seeds: Sequence
             sched.set_timesteps(steps, device=device)
             latents = latents * sched.init_noise_sigma
             alphas = sched.alphas_cumprod.to(device)
-            losses, maps_acc, inside = [], None, []
+            losses, maps_acc, inside, masks = [], None, [], None
             for i, t in enumerate(sched.timesteps):
                 if i < config.guided_steps:
                     scale = float(1 - alphas[t])  # = ᾱ_t σ_t²: the official LMS update in DDIM scale
@@ -248,7 +255,8 @@ def guided_generate(world, prompts: Sequence[str], words, boxes, seeds: Sequence
                         m = torch.stack(_layer_maps(store, r, config)).mean(0)[B:]  # conditional half
                         m = torch.stack([torch.stack([m[b, pos].mean(0) for pos in positions[sl][b]])
                                          for b in range(B)])  # (B, words, h, w)
-                        masks = torch.stack([_masks(bx, r, (h, w), device) for bx in boxes[sl]])
+                        if masks is None:  # the boxes do not change over the steps
+                            masks = torch.stack([_masks(bx, r, (h, w), device) for bx in boxes[sl]])
                         inside.append(((m * masks).sum((-1, -2)) / m.sum((-1, -2)).clamp(min=1e-12)).cpu().numpy())
                         maps_acc = m if maps_acc is None else maps_acc + m
                         store.maps.clear()
@@ -281,6 +289,17 @@ def guided_sample(world, prompt: str, words: Sequence[str], boxes: Sequence[Sequ
     return (out.images[0], losses) if return_losses else out.images[0]
 
 
+def _timed(fn, device, reps: int) -> float:
+    """Seconds per call of ``fn`` over ``reps`` calls, after one warm-up call."""
+    fn()
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t) / reps
+
+
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -295,16 +314,14 @@ def measure_cost(world, prompts: Sequence[str], words, boxes, seeds: Sequence[in
     kind of pass is timed on its own (``reps`` times, after a warm-up); the floor is the time the passes
     alone would take, as a multiple of plain sampling's. ``vs_floor`` = measured ratio / floor ratio.
     """
-    import time
-
     prompts = list(prompts)
     B = len(prompts)
     if "batch_size" in kwargs:
         raise ValueError("measure_cost runs the prompts as one batch; leave batch_size out")
     kwargs["batch_size"] = B
+    words, boxes = _per_prompt(words, boxes, B)
     dev = world.device
-    guided_generate(world, prompts[:1], words[:1] if not isinstance(words[0], str) else words,
-                    boxes[:1] if np.ndim(boxes[0]) != 1 else boxes, config=GuidanceConfig(guided_steps=1, inner_iters=1),
+    guided_generate(world, prompts[:1], words[:1], boxes[:1], config=GuidanceConfig(guided_steps=1, inner_iters=1),
                     num_inference_steps=2, height=kwargs.get("height"), width=kwargs.get("width"))  # warm-up
     timings = {}
     for name, cfg in (("plain", GuidanceConfig(guided_steps=0)), ("guided", config)):
@@ -316,31 +333,19 @@ def measure_cost(world, prompts: Sequence[str], words, boxes, seeds: Sequence[in
     passes = out.passes
     pipe, unet = world.pipe, world.pipe.unet
     cond, uncond = pipe.encode_prompt(prompts, dev, 1, True)
-    h = kwargs.get("height") or unet.config.sample_size * pipe.vae_scale_factor
-    w = kwargs.get("width") or unet.config.sample_size * pipe.vae_scale_factor
     f = pipe.vae_scale_factor
+    h = kwargs.get("height") or unet.config.sample_size * f
+    w = kwargs.get("width") or unet.config.sample_size * f
     z = torch.randn(B, unet.config.in_channels, h // f, w // f, device=dev, dtype=cond.dtype)
     pipe.scheduler.set_timesteps(kwargs.get("num_inference_steps") or world.num_inference_steps, device=dev)
     t0 = pipe.scheduler.timesteps[0]
+    z2, context = torch.cat([z] * 2), torch.cat([uncond, cond])
     with torch.no_grad():
-        unet(torch.cat([z] * 2), t0, torch.cat([uncond, cond]))
-        _sync(dev)
-        t = time.perf_counter()
-        for _ in range(reps):
-            unet(torch.cat([z] * 2), t0, torch.cat([uncond, cond]))
-        _sync(dev)
-        t_cfg = (time.perf_counter() - t) / reps
-    ws = [list(words)] * B if isinstance(words[0], str) else [list(x) for x in words]
-    bs = [list(boxes)] * B if np.ndim(boxes[0]) == 1 else [list(x) for x in boxes]
-    positions = [word_positions(pipe.tokenizer, p, x) for p, x in zip(prompts, ws)]
+        t_cfg = _timed(lambda: unet(z2, t0, context), dev, reps)
+    positions = [word_positions(pipe.tokenizer, p, x) for p, x in zip(prompts, words)]
     with attention_store(unet, AttentionStore(keep_grad=True, keep_similarity=False, average_heads=False)) as store:
-        loss_and_grad(unet, store, z.clone().requires_grad_(True), t0, cond, positions, bs, config)
-        _sync(dev)
-        t = time.perf_counter()
-        for _ in range(reps):
-            loss_and_grad(unet, store, z.clone().requires_grad_(True), t0, cond, positions, bs, config)
-        _sync(dev)
-        t_fb = (time.perf_counter() - t) / reps
+        t_fb = _timed(lambda: loss_and_grad(unet, store, z.clone().requires_grad_(True), t0, cond, positions, boxes,
+                                            config), dev, reps)
     n_cfg, n_fb = passes["cfg_forward"], passes["guided_forward"]
     floor = (n_cfg * t_cfg + n_fb * t_fb) / (n_cfg * t_cfg)
     measured = timings["guided"] / timings["plain"]

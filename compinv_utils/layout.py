@@ -145,7 +145,7 @@ def generate_records(world, jobs: Sequence[Job], path: str | Path, batch_size: i
     records = read_records(path)
     _write_records(path, records)  # rewrite without partial or corrupt lines
     done = set(done_path.read_text().splitlines()) if done_path.exists() else set()
-    done |= {f"{r['a']}|{r['b']}|{r['template']}|{r['seed']}" for r in records}
+    done |= {Job(r["a"], r["b"], r["template"], r["seed"]).key for r in records}
     todo = [j for j in jobs if j.key not in done]
     for j in jobs:
         world.check_nouns([j.a, j.b])
