@@ -1,8 +1,10 @@
 """Semantic inversion: pull the pseudo-word toward a few sparse-coded anchor concepts.
 
-``L_anc = Σ_i δ_i ‖e − e_i‖²`` over the anchors ``e_i`` (input embeddings of the world's nouns, or
-COCO's 80 in SD 1.5), with weights ``δ ≥ 0``, ``Σ δ_i = 1`` and at most ``c`` of them non-zero,
-and ``L_final = (1 − λ) L_rec + λ L_anc`` (λ = 0.95 for TI in the paper).
+``L_anc = 1/|{e_anc}| Σ_i δ_i ‖e − e_i‖²`` (Eq. 5) over the ``K = |{e_anc}|`` anchors ``e_i`` (input
+embeddings of the world's nouns, or COCO's 80 in SD 1.5), with weights ``δ ≥ 0``, ``Σ δ_i = 1`` and at
+most ``c`` of them non-zero, and ``L_final = (1 − λ) L_rec + λ L_anc`` (Eq. 9). The paper picks λ by a
+sweep (Fig. 8: 0.95 for TI on SD 1.5); λ's meaning depends on the two losses' scales, so each world picks
+its own the same way (chapter 03; the toy world's is ``world.settings`` ``lam``).
 
 **Which sparse coder.** δ comes from coding ``e`` on the unit-normalised anchors. The default,
 ``"nnomp"``, takes the support from orthogonal matching pursuit (exactly ``≤ c`` atoms) and refits
@@ -16,8 +18,9 @@ the start ``e`` equals the superclass word, so δ is one-hot on it; as inversion
 the photos, the code spreads to the concepts the photos resemble. Re-coding every step would chase
 noise in ``e``; never re-coding would pin the concept to its initial word.
 
-The official code's simplification — one anchor (the class noun) and an MSE between the text
-encoder's outputs for the whole prompt with ``S*`` and with the class noun — is :class:`OfficialAnchorLoss`.
+The official code's simplification — one anchor (the class noun) and an element-wise MSE between the
+text encoder's *embedding-layer* outputs (token + position embeddings, 77 × D) of the training prompt
+and of the same prompt with ``S*`` replaced by the class noun — is :class:`OfficialAnchorLoss`.
 """
 
 from __future__ import annotations
@@ -93,10 +96,11 @@ def sparse_weights(e: torch.Tensor, anchors: torch.Tensor, c: int, method: str =
 
 
 def anchor_loss(e: torch.Tensor, anchors: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """``Σ_i δ_i ‖e − e_i‖²`` for ``e`` ``(D,)`` or ``(n, D)`` (averaged over vectors)."""
+    """Eq. 5, ``1/K Σ_i δ_i ‖e − e_i‖²`` for ``e`` ``(D,)`` or ``(n, D)`` (averaged over vectors) and
+    ``K`` anchors ``(K, D)``."""
     e2 = e if e.dim() == 2 else e[None]
     d = ((e2[:, None, :] - anchors[None].to(e2)) ** 2).sum(-1)  # (n, K)
-    return (d * delta.to(e2)).sum(-1).mean()
+    return (d * delta.to(e2)).sum(-1).mean() / len(anchors)
 
 
 class AnchorLoss:
@@ -135,20 +139,31 @@ class AnchorLoss:
         return (1 - self.lam) * rec + self.lam * anc
 
 
-class OfficialAnchorLoss:
-    """The official code's variant: one anchor word, and an MSE between the text encoder's outputs for
-    ``template`` with the placeholder and with the anchor word, over all 77 positions."""
+def embedding_layer(text_encoder) -> torch.nn.Module:
+    """The text encoder's embedding layer (token + position embeddings; ``CLIPTextEmbeddings``)."""
+    return getattr(text_encoder, "text_model", text_encoder).embeddings
 
-    def __init__(self, pipe, token: str, word: str, lam: float = 0.95, template: str = "a photo of a {}"):
+
+class OfficialAnchorLoss:
+    """The official code's variant: one anchor word and ``mean((E(p) − E(p'))²)`` over all 77 × D
+    elements, where ``E`` is the text encoder's embedding layer (token + position embeddings), ``p`` the
+    prompt with the placeholder ("a photo of a S* cat") and ``p'`` the same prompt with the placeholder
+    replaced by the anchor word ("a photo of a cat cat"), as in the official training script. Only the
+    placeholder's position differs, so this is ``‖e − e_word‖² / (77 · D)`` for a one-vector word."""
+
+    def __init__(self, pipe, token: str, word: str, lam: float = 0.95, template: str = "a photo of a {}",
+                 superclass: str | None = None):
         self.lam = check_lambda(lam)
         anchor_embeddings(pipe, [word])  # validates the word
         tok = pipe.tokenizer
         self.kw = dict(padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-        self.pipe, self.token, self.prompt = pipe, token, template.format(token)
+        subject = f"{token} {superclass or word}"
+        self.pipe, self.token, self.prompt = pipe, token, template.format(subject)
+        self.reference = template.format(subject.replace(token, word))
         self.ids_token = None  # tokenized at the first call: the placeholder is added by the inversion itself
         with torch.no_grad():
-            ids_word = tok(template.format(word), **self.kw).input_ids.to(pipe.text_encoder.device)
-            self.target = pipe.text_encoder(ids_word)[0].float()
+            ids_word = tok(self.reference, **self.kw).input_ids.to(pipe.text_encoder.device)
+            self.target = embedding_layer(pipe.text_encoder)(input_ids=ids_word).float()
         self.last_log: dict = {}
 
     def __call__(self, rec: torch.Tensor, e: torch.Tensor, step: int) -> torch.Tensor:
@@ -156,7 +171,9 @@ class OfficialAnchorLoss:
             if self.token not in self.pipe.tokenizer.get_vocab():
                 raise ValueError(f"placeholder {self.token!r} is not in the tokenizer: use this loss inside invert()")
             self.ids_token = self.pipe.tokenizer(self.prompt, **self.kw).input_ids.to(self.pipe.text_encoder.device)
-        out = self.pipe.text_encoder(self.ids_token)[0].float()
+            if self.ids_token.shape != self.target.shape[:2]:
+                raise ValueError("the prompt and its reference tokenize to different lengths")
+        out = embedding_layer(self.pipe.text_encoder)(input_ids=self.ids_token).float()
         anc = torch.nn.functional.mse_loss(out, self.target)
         self.last_log = {"rec": rec.item(), "anc": anc.item()}
         if self.lam == 0.0:

@@ -1,22 +1,31 @@
 """Table 1 of the paper for any world: TI, +semantic, +spatial and +both, composed with vocabulary nouns
-and with another inverted concept, measured by text alignment, CoI likelihood and image alignment.
+and with another inverted concept, each concept inverted with several seeds.
 
 One record per generated image (JSON, resumable by group)::
 
-    {"setting": "noun", "method": "+both", "concepts": ["mochi"], "partner": "kite", "seed": 2,
-     "prompt": "a <mochi> cat and a kite", "text_alignment": 0.31, "coi": [1.0], "partner_found": 1.0,
-     "image_alignment": 0.42}
+    {"setting": "noun", "method": "+both", "concepts": ["mochi"], "inv_seed": 1, "partner": "kite",
+     "seed": 2, "prompt": "a <mochi> cat and a kite", "objects": ["cat", "kite"], "found": [1.0, 0.0],
+     "text_alignment": 0.31, "image_alignment": 0.42, "object_alignment": 0.55}
 
-``setting="concept"`` composes two inverted concepts ("a <mochi> cat and a <bruno> teddy"): ``coi``
-holds one entry per concept and ``partner_found`` is None. Text alignment is measured against the
-prompt with the placeholder tokens removed ("a cat and a kite"); image alignment against the user
-photos of the concept(s) in the image (the mean over them when there are two).
+``setting="concept"`` composes two inverted concepts ("a <mochi> cat and a <bruno> teddy"; ``partner``
+is None). The columns (:data:`METRICS`), each derived from a record by :func:`value`:
+
+- ``text_alignment``: CLIP cosine between the image and the prompt with the placeholders removed
+  ("a cat and a kite"); the official evaluation multiplies it by 2.5 (ViT-B/32), we report the cosine.
+- ``coi``: CoI likelihood as the official evaluation defines it — the prompt's *last* object is
+  detected (the partner noun; in the concept setting the second concept's class).
+- ``all_found``: every named object is detected.
+- ``class_found``: the concept's own class noun is detected (not a column of the paper's Table 1).
+- ``image_alignment``: whole-image CLIP similarity to the user photos (the paper's), averaged over the
+  concepts of the image.
+- ``object_alignment``: the same on the detected object's crop against the photos' object crops,
+  so that an absorbed background does not count (None where the class was not detected).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from pathlib import Path
 from typing import Sequence
@@ -33,7 +42,7 @@ from .inversion import load_embedding, unload
 # method -> (which inversion, guided?)
 METHODS: dict[str, tuple[str, bool]] = {"TI": ("plain", False), "+semantic": ("semantic", False),
                                         "+spatial": ("plain", True), "+both": ("semantic", True)}
-METRICS = ("text_alignment", "coi", "partner_found", "image_alignment")
+METRICS = ("text_alignment", "coi", "all_found", "class_found", "image_alignment", "object_alignment")
 
 
 @dataclass
@@ -58,16 +67,23 @@ def concept_pairs(world, concepts=None) -> list[tuple]:
     return [(a, b) for a, b in combinations(concepts, 2) if tuple(sorted((a.superclass, b.superclass))) not in held]
 
 
-def _group_key(setting: str, method: str, names: Sequence[str]) -> str:
-    return f"{setting}|{method}|{'+'.join(names)}"
+def inversion_file(root: str | Path, name: str, seed: int) -> Path:
+    """Where an inversion of concept ``name`` with inversion seed ``seed`` lives under ``root``."""
+    return Path(root) / f"seed{seed}" / name / "learned_embeds.safetensors"
+
+
+def _group_key(setting: str, method: str, names: Sequence[str], inv_seed: int) -> str:
+    return f"{setting}|{method}|{'+'.join(names)}|seed{inv_seed}"
 
 
 def evaluate_group(world, setting: str, method: str, concepts: Sequence, partners: Sequence[str], seeds: int,
-                   inversions: str | Path, layouts: Layouts | None = None, guidance: GuidanceConfig = GuidanceConfig(),
-                   batch_size: int = 16, images_out: list | None = None) -> list[dict]:
+                   inversions: dict, inv_seed: int = 0, layouts: Layouts | None = None,
+                   guidance: GuidanceConfig = GuidanceConfig(), batch_size: int = 16,
+                   images_out: list | None = None) -> list[dict]:
     """The records of one concept (``setting="noun"``, one prompt per partner and seed) or one pair of
-    concepts (``setting="concept"``, one prompt per seed) under one method. The images are appended to
-    ``images_out`` when it is given."""
+    concepts (``setting="concept"``, one prompt per seed) under one method, with the concepts' inversions
+    of seed ``inv_seed``. ``inversions`` maps "plain" and "semantic" to the folders that hold them
+    (:func:`inversion_file`). The images are appended to ``images_out`` when it is given."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
     if setting not in ("noun", "concept"):
@@ -75,24 +91,29 @@ def evaluate_group(world, setting: str, method: str, concepts: Sequence, partner
     which, spatial = METHODS[method]
     if spatial and layouts is None:
         raise ValueError(f"method {method!r} needs the layout MLP: pass layouts=Layouts(...)")
+    if which not in inversions:
+        raise ValueError(f"method {method!r} needs inversions[{which!r}], the folder of its inversions")
     pipe = world.pipe
-    for c in concepts:
-        path = Path(inversions) / which / c.name / "learned_embeds.safetensors"
+    paths = [inversion_file(inversions[which], c.name, inv_seed) for c in concepts]
+    for c, path in zip(concepts, paths):
         if not path.exists():
-            raise FileNotFoundError(f"no {which} inversion of {c.name} at {path}: run chapter 01 (plain) or 03 (semantic) first")
+            raise FileNotFoundError(f"no {which} inversion of {c.name} with seed {inv_seed} at {path}: "
+                                    "run chapter 01 (plain) or 03 (semantic) first")
+    for path in paths:
         load_embedding(pipe, path)  # replaces any embedding of the same token
     try:
         if setting == "noun":
             (c,) = concepts
             world.check_nouns(partners)
             jobs = [(f"a {c.token} {c.superclass} and {M.article(x)}", x, s) for x in partners for s in range(seeds)]
-            texts = [M.pair_prompt(c.superclass, x) for _, x, _ in jobs]
+            objects = [[c.superclass, x] for _, x, _ in jobs]
             words = [[c.token, x] for _, x, _ in jobs]
         else:
             c1, c2 = concepts
             jobs = [(f"a {c1.token} {c1.superclass} and a {c2.token} {c2.superclass}", None, s) for s in range(seeds)]
-            texts = [M.pair_prompt(c1.superclass, c2.superclass)] * len(jobs)
+            objects = [[c1.superclass, c2.superclass]] * len(jobs)
             words = [[c1.token, c2.token]] * len(jobs)
+        texts = [M.pair_prompt(*o) for o in objects]
         prompts, seed_list = [j[0] for j in jobs], [j[2] for j in jobs]
         if spatial:
             planned = {tuple(w): list(layouts.boxes(pipe, *w)) for w in words}  # one nearest-noun search per pair
@@ -106,94 +127,125 @@ def evaluate_group(world, setting: str, method: str, concepts: Sequence, partner
         dets = world.detect(images)
         text = M.text_alignment(world, images, texts)
         img = np.mean([M.image_alignment(world, images, c.photos) for c in concepts], 0)
+        obj = np.stack([M.object_alignment(world, images, dets, c.superclass, world.photo_crops(c)) for c in concepts])
+        with np.errstate(all="ignore"):
+            obj = np.where(np.isnan(obj).all(0), np.nan, np.nanmean(np.where(np.isnan(obj), np.nan, obj), 0))
     finally:
         for c in concepts:
             unload(pipe, c.token)
     records = []
     for k, ((prompt, partner, seed), d) in enumerate(zip(jobs, dets)):
         records.append({"setting": setting, "method": method, "concepts": [c.name for c in concepts],
-                        "partner": partner, "seed": seed, "prompt": prompt, "text_alignment": float(text[k]),
-                        "coi": [float(M.found(d, c.superclass)) for c in concepts],
-                        "partner_found": None if partner is None else float(M.found(d, partner)),
-                        "image_alignment": float(img[k])})
+                        "inv_seed": inv_seed, "partner": partner, "seed": seed, "prompt": prompt,
+                        "objects": objects[k], "found": [float(M.found(d, o)) for o in objects[k]],
+                        "text_alignment": float(text[k]), "image_alignment": float(img[k]),
+                        "object_alignment": None if np.isnan(obj[k]) else float(obj[k])})
     return records
 
 
-def table1(world, partners_for, inversions: str | Path, layouts: Layouts, seeds: int = 4, pair_seeds: int = 4,
-           methods: Sequence[str] = tuple(METHODS), concepts=None, cache: str | Path | None = None,
-           guidance: GuidanceConfig = GuidanceConfig(), progress: bool = True) -> list[dict]:
-    """Every record of Table 1. ``partners_for(concept)`` gives a concept's partner nouns. With ``cache``
-    (a JSON file), finished groups are read from it and each new group is written as soon as it is done,
-    so an interrupted run resumes where it stopped."""
+def table1(world, partners_for, inversions: dict, layouts: Layouts, inv_seeds: Sequence[int] = (0, 1, 2),
+           seeds: int = 2, pair_seeds: int = 2, methods: Sequence[str] = tuple(METHODS), concepts=None,
+           cache: str | Path | None = None, guidance: GuidanceConfig = GuidanceConfig(),
+           progress: bool = True) -> list[dict]:
+    """Every record of Table 1: each concept (and pair of concepts) under each method, once per inversion
+    seed. ``partners_for(concept)`` gives a concept's partner nouns. With ``cache`` (a JSON file),
+    finished groups are read from it and each new group is written as soon as it is done, so an
+    interrupted run resumes where it stopped; a cache made with other settings is refused."""
     concepts = list(world.concepts_of_interest if concepts is None else concepts)
+    settings = {"seeds": seeds, "pair_seeds": pair_seeds, "guidance": asdict(guidance),
+                "inversions": {k: Path(v).as_posix() for k, v in sorted(inversions.items())}}
     cache = Path(cache) if cache is not None else None
     done: dict[str, list[dict]] = {}
     if cache is not None and cache.exists():
         try:
-            done = json.loads(cache.read_text())["groups"]
+            stored = json.loads(cache.read_text())
+            done, made_with = stored["groups"], stored["settings"]
         except (json.JSONDecodeError, KeyError) as e:
             raise ValueError(f"{cache} is not a Table 1 cache ({e}); move it away to recompute") from e
-    groups = [("noun", m, (c,)) for m in methods for c in concepts]
-    groups += [("concept", m, pair) for m in methods for pair in concept_pairs(world, concepts)]
-    for setting, method, cs in tqdm(groups, desc="Table 1", disable=not progress):
-        key = _group_key(setting, method, [c.name for c in cs])
+        if json.loads(json.dumps(settings)) != made_with:
+            raise ValueError(f"{cache} was made with other settings ({made_with}), not {settings}; "
+                             "delete it or pass another cache file")
+    groups = [("noun", m, (c,), s) for m in methods for c in concepts for s in inv_seeds]
+    groups += [("concept", m, pair, s) for m in methods for pair in concept_pairs(world, concepts) for s in inv_seeds]
+    for setting, method, cs, s in tqdm(groups, desc="Table 1", disable=not progress):
+        key = _group_key(setting, method, [c.name for c in cs], s)
         if key in done:
             continue
         partners = partners_for(cs[0]) if setting == "noun" else []
         done[key] = evaluate_group(world, setting, method, cs, partners, seeds if setting == "noun" else pair_seeds,
-                                   inversions, layouts, guidance)
+                                   inversions, s, layouts, guidance)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"groups": done}, indent=0))
+            tmp.write_text(json.dumps({"settings": settings, "groups": done}, indent=0))
             tmp.replace(cache)
-    return [r for s, m, cs in groups for r in done[_group_key(s, m, [c.name for c in cs])]]
+    return [r for st, m, cs, s in groups for r in done[_group_key(st, m, [c.name for c in cs], s)]]
+
+
+def value(record: dict, metric: str) -> float:
+    """One record's value of a column of :data:`METRICS` (NaN where it is undefined)."""
+    if metric == "coi":
+        return record["found"][-1]
+    if metric == "all_found":
+        return float(min(record["found"]))
+    if metric == "class_found":
+        return float(np.mean(record["found"][:len(record["concepts"])]))
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose from {METRICS}")
+    v = record[metric]
+    return float("nan") if v is None else float(v)
+
+
+def _cluster(record: dict) -> str:
+    return "+".join(record["concepts"])
 
 
 def summarise(records: Sequence[dict], seed: int = 0) -> dict[tuple[str, str], dict[str, tuple[float, float, float]]]:
-    """Mean and 95 % bootstrap interval of each metric, per (setting, method). ``coi`` is averaged over
-    the concepts of an image first; ``both_coi`` (concept setting) is whether every concept was found."""
+    """Mean and 95 % cluster-bootstrap interval of each metric per (setting, method): concepts (pairs of
+    concepts in the concept setting) are resampled, then inversion seeds within each."""
     out: dict = {}
     for r in records:
         out.setdefault((r["setting"], r["method"]), []).append(r)
     table = {}
     for key, rs in out.items():
+        cl, sub = [_cluster(r) for r in rs], [r["inv_seed"] for r in rs]
         row = {"n": (len(rs),) * 3}
-        row["text_alignment"] = M.bootstrap_ci([r["text_alignment"] for r in rs], seed=seed)
-        row["image_alignment"] = M.bootstrap_ci([r["image_alignment"] for r in rs], seed=seed)
-        row["coi"] = M.bootstrap_ci([_scalar(r["coi"]) for r in rs], seed=seed)
-        if key[0] == "noun":
-            row["partner_found"] = M.bootstrap_ci([r["partner_found"] for r in rs], seed=seed)
-        else:
-            row["both_coi"] = M.bootstrap_ci([float(min(r["coi"])) for r in rs], seed=seed)
+        for metric in METRICS:
+            vals = [value(r, metric) for r in rs]
+            row[metric] = (M.cluster_bootstrap(vals, cl, sub, seed=seed) if not np.isnan(vals).all()
+                           else (float("nan"),) * 3)
         table[key] = row
     return table
 
 
-def _scalar(v) -> float:
-    """A record's metric as one number (``coi`` lists are averaged over the concepts)."""
-    return float(np.mean(v)) if isinstance(v, list) else float(v)
-
-
 def column(records: Sequence[dict], setting: str, method: str, metric: str) -> np.ndarray:
     """Per-image values of one metric for one (setting, method), in record order."""
-    vals = [r[metric] for r in records if r["setting"] == setting and r["method"] == method]
+    vals = [value(r, metric) for r in records if r["setting"] == setting and r["method"] == method]
     if not vals:
         raise ValueError(f"no records for setting={setting!r}, method={method!r}")
-    return np.array([_scalar(v) for v in vals], dtype=float)
+    return np.array(vals, dtype=float)
 
 
-def paired_difference(records: Sequence[dict], setting: str, method: str, metric: str, base: str = "TI") -> np.ndarray:
-    """Per-image ``metric`` of ``method`` minus that of ``base`` on the same prompt and seed."""
+def paired_difference(records: Sequence[dict], setting: str, method: str, metric: str,
+                      base: str = "TI") -> tuple[np.ndarray, list, list]:
+    """Per-image ``metric`` of ``method`` minus that of ``base`` on the same prompt, inversion seed and
+    seed, with each difference's cluster (concept or pair) and subcluster (inversion seed) for
+    :func:`compinv_utils.metrics.cluster_bootstrap`."""
     def values(m):
         out = {}
         for r in records:
             if r["setting"] == setting and r["method"] == m:
-                out[(tuple(r["concepts"]), r["partner"], r["seed"])] = _scalar(r[metric])
+                out[(tuple(r["concepts"]), r["inv_seed"], r["partner"], r["seed"])] = value(r, metric)
         return out
 
     a, b = values(method), values(base)
     if not a or set(a) != set(b):
         raise ValueError(f"{method!r} and {base!r} do not cover the same prompts and seeds in setting {setting!r}")
-    keys = sorted(a)
-    return np.array([a[k] - b[k] for k in keys])
+    keys = sorted(a, key=str)
+    return np.array([a[k] - b[k] for k in keys]), ["+".join(k[0]) for k in keys], [k[1] for k in keys]
+
+
+def difference_ci(records: Sequence[dict], setting: str, method: str, metric: str, base: str = "TI",
+                  seed: int = 0) -> tuple[float, float, float]:
+    """Mean paired difference ``method − base`` and its 95 % cluster-bootstrap interval."""
+    return M.cluster_bootstrap(*paired_difference(records, setting, method, metric, base), seed=seed)

@@ -1,6 +1,8 @@
 """Spatial inversion, part 2: steer cross-attention into boxes during the first denoising steps.
 
-For the first ``guided_steps`` reverse steps the latent moves down the gradient of (Eq. 8)
+During the first reverse steps — those whose timestep ``t`` is at least ``guide_until_t``, by default
+the part of the trajectory the official code guides (its first 10 of 50 LMS steps, t = 999 → 815.5;
+4 of the toy world's 25 DDIM steps) — the latent moves down the gradient of (Eq. 8)
 
     L_loc = 1/N Σ_i (1 − Σ(M_i ∘ A_i) / Σ A_i)
 
@@ -19,7 +21,9 @@ with ``σ_t² = (1 − ᾱ_t) / ᾱ_t``. Since ``∇_x L = √ᾱ_t ∇_z L``, t
 ``z ← z − η (1 − ᾱ_t) ∇_z L`` for the DDIM-scale latents ``z`` used here. (Scaling the gradient of
 ``z`` by ``σ_t²`` instead would overshoot by ``1/ᾱ_t``, about 200× at the first step, and wreck the image.)
 
-``loss="official"`` is the official code's variant: ``(1 − a)²`` per layer, averaged over layers.
+``loss="official"`` is the official code's variant: the in-box ratio ``a`` per attention head, then
+``(1 − a)²`` averaged over heads, tokens, words and layers (``compute_ca_loss`` in its
+``utils/layout_control.py``).
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from .layout import box_to_mask, check_box
 
 @dataclass(frozen=True)
 class GuidanceConfig:
-    guided_steps: int = 10  # the first reverse steps that are guided (the paper: 10)
+    guide_until_t: float = 815.5  # guide every reverse step with timestep t >= this (official: 10 of 50 LMS steps)
+    guided_steps: int | None = None  # or guide exactly this many first steps (None: derived from guide_until_t)
     inner_iters: int = 3  # latent updates per guided step
     step_size: float = 30.0  # η in z ← z − η (1 − ᾱ_t) ∇L (the official code's loss scale is 30)
     stop_below: float = 0.0  # skip further updates of a step once L_loc is below this
@@ -49,7 +54,7 @@ class GuidanceConfig:
 
 
 def check_config(cfg: GuidanceConfig, num_steps: int) -> None:
-    if not 0 <= cfg.guided_steps <= num_steps:
+    if cfg.guided_steps is not None and not 0 <= cfg.guided_steps <= num_steps:
         raise ValueError(f"guided_steps must be in [0, {num_steps}] (the number of denoising steps), got {cfg.guided_steps}")
     if cfg.inner_iters < 1:
         raise ValueError(f"inner_iters must be >= 1, got {cfg.inner_iters}")
@@ -59,6 +64,14 @@ def check_config(cfg: GuidanceConfig, num_steps: int) -> None:
         raise ValueError(f"loss must be 'eq8' or 'official', got {cfg.loss!r}")
     if cfg.heads is not None and not (len(cfg.heads) == 2 and 0 <= cfg.heads[0] < cfg.heads[1]):
         raise ValueError(f"heads must be a range (start, stop) with 0 <= start < stop, got {cfg.heads}")
+
+
+def guided_step_count(config: GuidanceConfig, timesteps) -> int:
+    """How many first reverse steps are guided: ``config.guided_steps`` when set, else the number of
+    ``timesteps`` at or above ``config.guide_until_t``."""
+    if config.guided_steps is not None:
+        return config.guided_steps
+    return int(sum(float(t) >= config.guide_until_t for t in timesteps))
 
 
 def localisation_loss(maps: torch.Tensor, positions: Sequence[Sequence[int]], masks: torch.Tensor,
@@ -82,8 +95,9 @@ def word_positions(tokenizer, prompt: str, words: Sequence[str]) -> list[list[in
     return [token_indices(tokenizer, prompt, w) for w in words]
 
 
-def _layer_maps(store: AttentionStore, res: int, config: GuidanceConfig) -> list[torch.Tensor]:
-    """The current call's maps ``(B, T, h, w)`` of the layers that feed ``A_i``, heads selected and averaged."""
+def _layer_maps(store: AttentionStore, res: int, config: GuidanceConfig, keep_heads: bool = False) -> list[torch.Tensor]:
+    """The current call's maps ``(B, T, h, w)`` of the layers that feed ``A_i``, heads selected and averaged
+    (``keep_heads``: ``(B, heads, T, h, w)``, not averaged)."""
     out = []
     for layer, m in store.maps.get(store.step, {}).items():
         h, w = store.shapes[layer]
@@ -94,7 +108,14 @@ def _layer_maps(store: AttentionStore, res: int, config: GuidanceConfig) -> list
                 if config.heads[1] > m.shape[1]:
                     raise ValueError(f"heads {config.heads} but layer {layer} has {m.shape[1]} heads")
                 m = m[:, config.heads[0]:config.heads[1]]
+            if keep_heads:
+                out.append(m.transpose(2, 3).reshape(*m.shape[:2], m.shape[3], h, w))
+                continue
             m = m.mean(1)
+        elif keep_heads:
+            m = m[:, None]
+            out.append(m.transpose(2, 3).reshape(*m.shape[:2], m.shape[3], h, w))
+            continue
         out.append(m.transpose(1, 2).reshape(m.shape[0], m.shape[2], h, w))
     if not out:
         raise ValueError(f"no cross-attention layer has {res}-high maps{' and a name containing ' + str(config.layers) if config.layers else ''}; "
@@ -104,12 +125,14 @@ def _layer_maps(store: AttentionStore, res: int, config: GuidanceConfig) -> list
 
 def _batch_loss(store, res, config, positions, masks) -> torch.Tensor:
     """Per-sample ``L_loc`` ``(B,)``; ``positions[b]`` and ``masks[b]`` belong to sample ``b``."""
-    layer_maps = _layer_maps(store, res, config)
     official = config.loss == "official"
-    per_layer = layer_maps if official else [torch.stack(layer_maps).mean(0)]  # eq8: average the maps first
-    losses = []
+    layer_maps = _layer_maps(store, res, config, keep_heads=official)
+    if not official:  # eq8: one map per token, averaged over layers and heads, then the ratio
+        m = torch.stack(layer_maps).mean(0)
+        return torch.stack([localisation_loss(m[b:b + 1], positions[b], masks[b])[0] for b in range(m.shape[0])])
+    losses = []  # official: the ratio per layer and head, (1 - a)^2 averaged over heads, then layers
     for b in range(layer_maps[0].shape[0]):
-        terms = [localisation_loss(m[b:b + 1], positions[b], masks[b], official=official)[0] for m in per_layer]
+        terms = [localisation_loss(m[b], positions[b], masks[b], official=True).mean() for m in layer_maps]
         losses.append(torch.stack(terms).mean())
     return torch.stack(losses)
 
@@ -230,8 +253,9 @@ def guided_generate(world, prompts: Sequence[str], words, boxes, seeds: Sequence
             latents = latents * sched.init_noise_sigma
             alphas = sched.alphas_cumprod.to(device)
             losses, maps_acc, inside, masks = [], None, [], None
+            n_guided = guided_step_count(config, sched.timesteps)
             for i, t in enumerate(sched.timesteps):
-                if i < config.guided_steps:
+                if i < n_guided:
                     scale = float(1 - alphas[t])  # = ᾱ_t σ_t²: the official LMS update in DDIM scale
                     active = torch.ones(B, dtype=torch.bool, device=device)
                     for _ in range(config.inner_iters):

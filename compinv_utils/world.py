@@ -49,6 +49,25 @@ class ConceptOfInterest:
     token: str  # the placeholder pseudo-word, e.g. "<mochi>"
     superclass: str  # the word it is a kind of, e.g. "cat"
     photos: list[Image.Image]
+    in_photos: tuple[str, ...] = ()  # other nouns the photos show (never used as partners)
+    photo_crops: list[Image.Image] | None = None  # the object cut out of each photo (None: detect it)
+
+
+@dataclass(frozen=True)
+class WorldSettings:
+    """What a world's chapters use by default."""
+
+    lam: float = 0.95  # λ of semantic inversion (Eq. 9), chosen per world by the sweep of chapter 03
+    anchors_c: int = 3  # at most c active anchors
+    partners: tuple[str, ...] = ()  # candidate partner nouns for compositions, in order of preference
+    detect_threshold: float = 0.5  # detector score for "found" (the official evaluation: DETR at 0.8)
+    inversion_steps: int = 300  # textual-inversion steps
+    inversion_seeds: int = 3  # independent inversions per concept (intervals resample them)
+
+
+TOY_SETTINGS = WorldSettings(lam=0.95, partners=("kite", "car", "umbrella", "book", "fish", "hat"))
+SD15_SETTINGS = WorldSettings(lam=0.95, partners=("bird", "car", "umbrella", "bench", "bicycle", "dog"),
+                              detect_threshold=0.8, inversion_steps=3000)
 
 
 @dataclass
@@ -69,6 +88,7 @@ class World:
     num_inference_steps: int = 25
     held_out_pairs: tuple = ()  # noun pairs the model never saw together in training (toy world)
     extras: dict = field(default_factory=dict)
+    settings: WorldSettings = field(default_factory=WorldSettings)
 
     @property
     def image_size(self) -> int:
@@ -94,9 +114,21 @@ class World:
 
     # -- measuring -------------------------------------------------------------------------------
 
-    def detect(self, images: Sequence[Image.Image], threshold: float = 0.5) -> list[list[Detection]]:
-        """Per image, the detections ``(label, (x0, y0, x1, y1), score)`` with score >= threshold."""
-        return self.detector(list(images), threshold)
+    def detect(self, images: Sequence[Image.Image], threshold: float | None = None) -> list[list[Detection]]:
+        """Per image, the detections ``(label, (x0, y0, x1, y1), score)`` with score >= threshold
+        (default: the world's ``settings.detect_threshold``; 0.8 for DETR as in the official evaluation)."""
+        return self.detector(list(images), self.settings.detect_threshold if threshold is None else threshold)
+
+    def photo_crops(self, concept: ConceptOfInterest) -> list[Image.Image]:
+        """The concept's object cut out of each of its photos: the crops the world knows, else the
+        detected box of its superclass, else the whole photo."""
+        if concept.photo_crops is not None:
+            return concept.photo_crops
+        out = []
+        for photo, d in zip(concept.photos, self.detect(concept.photos)):
+            box = best_box(d, concept.superclass)
+            out.append(photo if box is None else crop(photo, box))
+        return out
 
     @torch.no_grad()
     def text_features(self, texts: Sequence[str]) -> torch.Tensor:
@@ -139,6 +171,23 @@ def _normalised(out) -> torch.Tensor:
     feats = out if isinstance(out, torch.Tensor) else out.pooler_output
     feats = feats.float().cpu()
     return feats / feats.norm(dim=-1, keepdim=True)
+
+
+def crop(image: Image.Image, box: Sequence[float], pad: float = 0.1) -> Image.Image:
+    """The part of ``image`` inside ``box`` ``(x0, y0, x1, y1)`` in [0, 1], grown by ``pad`` of its size
+    on each side (clipped to the image)."""
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    x0, x1 = max(0.0, x0 - pad * w), min(1.0, x1 + pad * w)
+    y0, y1 = max(0.0, y0 - pad * h), min(1.0, y1 + pad * h)
+    W, H = image.size
+    return image.crop((int(x0 * W), int(y0 * H), max(int(x0 * W) + 1, round(x1 * W)), max(int(y0 * H) + 1, round(y1 * H))))
+
+
+def best_box(detections, noun: str):
+    """The highest-scoring box of ``noun`` among one image's detections, or None."""
+    boxes = [(score, box) for label, box, score in detections if label == noun]
+    return max(boxes)[1] if boxes else None
 
 
 def seed_everything(seed: int = 0) -> None:
@@ -225,10 +274,16 @@ def load_toy_world(root: str | Path | None = None, device: str | torch.device | 
     pipe.set_progress_bar_config(disable=True)
     clip = CLIPModel.from_pretrained(root / "clip", dtype=dtype).to(dev).eval()
     det = ToyDetector.from_pretrained(root / "detector").to(dev).eval()
-    coi = [ConceptOfInterest(c.name, c.token, c.base, render.concept_photos(c)) for c in render.CONCEPTS]
+    coi = []
+    for c in render.CONCEPTS:
+        drawn = [render.draw_scene(s) for s in render.concept_scenes(c)]
+        crops = [crop(im, next(box for noun, box in objs if noun == c.base)) for im, objs in drawn]
+        seen = tuple(sorted({noun for _, objs in drawn for noun, _ in objs} - {c.base}))
+        coi.append(ConceptOfInterest(c.name, c.token, c.base, [im for im, _ in drawn], seen, crops))
     return World("toy", pipe, sorted(render.NOUNS), coi, clip, CLIPTokenizer.from_pretrained(root / "clip"),
                  CLIPImageProcessor.from_pretrained(root / "clip"), _toy_detector(det, dev), dev, dtype,
-                 guidance_scale=5.0, held_out_pairs=render.HELD_OUT_PAIRS, extras={"root": root, "detector_model": det})
+                 guidance_scale=5.0, held_out_pairs=render.HELD_OUT_PAIRS, extras={"root": root, "detector_model": det},
+                 settings=TOY_SETTINGS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +353,7 @@ def load_sd15_world(concepts_dir: str | Path | None = None, device: str | torch.
     coi = sd15_concepts(concepts_dir) if concepts_dir else []
     return World("sd15", pipe, list(COCO_NOUNS), coi, clip.to(dev).eval(), clip_proc.tokenizer,
                  clip_proc.image_processor, _detr_detector(detr.to(dev).eval(), detr_proc, dev, dtype), dev, dtype,
-                 guidance_scale=7.5)
+                 guidance_scale=7.5, settings=SD15_SETTINGS)
 
 
 def load_world(name: str | None = None, **kwargs) -> World:

@@ -106,3 +106,37 @@ def test_official_variant_pulls_the_encoder_output_toward_the_class_word(toy_wor
         assert not torch.allclose(res.embeddings, plain.embeddings)  # the anchor term changes the result
     finally:
         unload(pipe, "<p3>")
+
+
+def test_anchor_loss_is_eq5_with_its_one_over_k(atoms):
+    """Eq. 5: L_anc = 1/|{e_anc}| Σ δ_i ‖e − e_i‖², on a hand-made case."""
+    anchors = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 4.0]])
+    delta = torch.tensor([0.5, 0.5, 0.0])
+    e = torch.tensor([1.0, 1.0])
+    # ‖e − a0‖² = 2, ‖e − a1‖² = 2, ‖e − a2‖² = 10; Σ δ_i d_i = 2; K = 3
+    assert float(anchor_loss(e, anchors, delta)) == pytest.approx(2 / 3)
+
+
+def test_official_loss_is_the_embedding_layer_mse(toy_world):
+    """The official loss: element-wise MSE of the embedding layer's outputs (token + position, 77 × D) for
+    "a photo of a S* cat" and "a photo of a cat cat" — ‖e − e_cat‖² / (77 · D) for a one-vector word."""
+    from compinv_utils.inversion import add_placeholder
+
+    pipe, coi = toy_world.pipe, toy_world.concepts_of_interest[0]
+    try:
+        loss = OfficialAnchorLoss(pipe, "<p4>", coi.superclass, lam=1.0)
+        assert loss.prompt == f"a photo of a <p4> {coi.superclass}"
+        assert loss.reference == f"a photo of a {coi.superclass} {coi.superclass}"
+        (pid,) = add_placeholder(pipe, "<p4>", coi.superclass)
+        table = pipe.text_encoder.get_input_embeddings().weight
+        shift = torch.randn(table.shape[1], generator=torch.Generator().manual_seed(0)).to(table)
+        with torch.no_grad():
+            table[pid] += shift
+        e = table[pid].detach().float()
+        e_cat = anchor_embeddings(pipe, [coi.superclass])[0]
+        expected = float(((e - e_cat) ** 2).sum()) / (77 * table.shape[1])
+        got = float(loss(torch.tensor(0.0), e[None], 0))
+        assert got == pytest.approx(expected, rel=1e-4)
+        assert got > 0
+    finally:
+        unload(pipe, "<p4>")

@@ -60,9 +60,10 @@ def inversions(toy_world, tmp_path):
     """Two fake 'inversions' per concept: the class noun's embedding (plain) and a scaled copy (semantic)."""
     for c in toy_world.concepts_of_interest[:2]:
         e = input_embeddings(toy_world.pipe, [c.superclass])[0]
-        save_embedding(tmp_path / "plain" / c.name / "learned_embeds.safetensors", c.token, e[None])
-        save_embedding(tmp_path / "semantic" / c.name / "learned_embeds.safetensors", c.token, 0.5 * e[None])
-    return tmp_path
+        for s in (0, 1):
+            save_embedding(V.inversion_file(tmp_path / "plain", c.name, s), c.token, e[None] * (1 + 0.1 * s))
+            save_embedding(V.inversion_file(tmp_path / "semantic", c.name, s), c.token, 0.5 * e[None])
+    return {"plain": tmp_path / "plain", "semantic": tmp_path / "semantic"}
 
 
 def _layouts(toy_world):
@@ -74,19 +75,21 @@ def _layouts(toy_world):
 
 def test_table1_records_resume_and_summary(toy_world, inversions, monkeypatch):
     cs = toy_world.concepts_of_interest[:2]
-    partners_for = lambda c: M.partners(toy_world, c.superclass, ["kite", "car"], k=1)  # noqa: E731
-    cache = inversions / "table1.json"
-    kw = dict(seeds=1, pair_seeds=1, concepts=cs, cache=cache, guidance=GuidanceConfig(guided_steps=2, inner_iters=1),
-              progress=False)
+    partners_for = lambda c: M.partners(toy_world, c, ["kite", "car"], k=1)  # noqa: E731
+    cache = inversions["plain"].parent / "table1.json"
+    kw = dict(seeds=1, pair_seeds=1, inv_seeds=(0, 1), concepts=cs, cache=cache,
+              guidance=GuidanceConfig(guided_steps=2, inner_iters=1), progress=False)
     toy_world.num_inference_steps = 4
     try:
         recs = V.table1(toy_world, partners_for, inversions, _layouts(toy_world), **kw)
-        assert len(recs) == 4 * (2 + len(V.concept_pairs(toy_world, cs)))
+        assert len(recs) == 4 * 2 * (2 + len(V.concept_pairs(toy_world, cs)))
         r = recs[0]
-        assert set(r) == {"setting", "method", "concepts", "partner", "seed", "prompt", "text_alignment", "coi",
-                          "partner_found", "image_alignment"}
+        assert set(r) == {"setting", "method", "concepts", "inv_seed", "partner", "seed", "prompt", "objects", "found",
+                          "text_alignment", "image_alignment", "object_alignment"}
         assert r["prompt"] == f"a {cs[0].token} {cs[0].superclass} and {M.article(r['partner'])}"
-        assert all(-1 <= x["text_alignment"] <= 1 and x["coi"][0] in (0.0, 1.0) for x in recs)
+        assert r["objects"] == [cs[0].superclass, r["partner"]]
+        assert all(-1 <= x["text_alignment"] <= 1 and set(x["found"]) <= {0.0, 1.0} for x in recs)
+        assert {x["inv_seed"] for x in recs} == {0, 1}
         assert {x["method"] for x in recs} == set(V.METHODS)
         # TI and +spatial differ (guidance changed the images); no placeholder is left loaded
         ti = V.column(recs, "noun", "TI", "text_alignment")
@@ -96,12 +99,18 @@ def test_table1_records_resume_and_summary(toy_world, inversions, monkeypatch):
         # resume: everything comes from the cache now
         monkeypatch.setattr(V, "evaluate_group", lambda *a, **k: pytest.fail("recomputed a cached group"))
         assert V.table1(toy_world, partners_for, inversions, _layouts(toy_world), **kw) == recs
-        d = V.paired_difference(recs, "noun", "+spatial", "text_alignment")
+        d, clusters, subs = V.paired_difference(recs, "noun", "+spatial", "text_alignment")
         np.testing.assert_allclose(np.sort(d), np.sort(sp - ti), atol=1e-6)
+        assert set(clusters) == {c.name for c in cs} and set(subs) == {0, 1}
         with pytest.raises(ValueError, match="do not cover the same prompts"):
             V.paired_difference(recs[:-1], "concept", "+both", "coi")
         table = V.summarise(recs)
-        assert table[("noun", "TI")]["n"][0] == 2 and "partner_found" in table[("noun", "TI")]
+        assert table[("noun", "TI")]["n"][0] == 4 and set(V.METRICS) <= set(table[("noun", "TI")])
+        # a cache made with other settings is refused, and left as it was
+        before = cache.read_text()
+        with pytest.raises(ValueError, match="other settings"):
+            V.table1(toy_world, partners_for, inversions, _layouts(toy_world), **(kw | {"seeds": 2}))
+        assert cache.read_text() == before
     finally:
         toy_world.num_inference_steps = 25
 
@@ -114,6 +123,8 @@ def test_evaluation_bad_input(toy_world, inversions, tmp_path):
         V.evaluate_group(toy_world, "noun", "+both", [c], ["kite"], 1, inversions)
     with pytest.raises(FileNotFoundError, match="run chapter 01"):
         V.evaluate_group(toy_world, "noun", "TI", [toy_world.concepts_of_interest[4]], ["kite"], 1, inversions)
+    with pytest.raises(FileNotFoundError, match="with seed 7"):
+        V.evaluate_group(toy_world, "noun", "TI", [c], ["kite"], 1, inversions, inv_seed=7)
     with pytest.raises(ValueError, match="unknown noun"):
         V.evaluate_group(toy_world, "noun", "TI", [c], ["zebra"], 1, inversions)
     bad = tmp_path / "bad.json"
@@ -134,3 +145,63 @@ def test_measure_cost_counts_the_passes(toy_world):
     assert cost["vs_floor"] == pytest.approx(cost["measured_ratio"] / cost["floor_ratio"])
     with pytest.raises(ValueError, match="leave batch_size out"):
         measure_cost(toy_world, ["a cat and a kite"], ["cat", "kite"], BOXES, batch_size=1)
+
+
+def _record(found, concepts=("mochi",), **kw):
+    r = {"setting": "noun" if len(concepts) == 1 else "concept", "method": "TI", "concepts": list(concepts),
+         "inv_seed": 0, "partner": "kite", "seed": 0, "found": found, "text_alignment": 0.3,
+         "image_alignment": 0.5, "object_alignment": None}
+    return r | kw
+
+
+def test_table1_columns_on_a_hand_made_case():
+    """Two images of "a S* cat and a kite": the first shows the cat only, the second both. CoI likelihood
+    (the official definition: the prompt's last object, the partner) is 0.5; all found 0.5; class found 1."""
+    recs = [_record([1.0, 0.0], object_alignment=0.7), _record([1.0, 1.0], seed=1)]
+    assert [V.value(r, "coi") for r in recs] == [0.0, 1.0]
+    assert [V.value(r, "all_found") for r in recs] == [0.0, 1.0]
+    assert [V.value(r, "class_found") for r in recs] == [1.0, 1.0]
+    row = V.summarise(recs)[("noun", "TI")]
+    assert row["coi"][0] == 0.5 and row["all_found"][0] == 0.5 and row["class_found"][0] == 1.0
+    assert row["object_alignment"][0] == pytest.approx(0.7)  # the undetected image does not count
+    # two concepts: "a S* cat and a S' teddy" — CoI is the second concept's class
+    pair = _record([0.0, 1.0], concepts=("mochi", "bruno"), partner=None)
+    assert V.value(pair, "coi") == 1.0 and V.value(pair, "all_found") == 0.0 and V.value(pair, "class_found") == 0.5
+
+
+def test_coi_detects_the_prompts_last_object():
+    dets = [("cat", (0, 0, 0.5, 1), 0.9)]
+    assert M.coi_found(dets, ["cat", "kite"]) == 0.0
+    assert M.coi_found(dets + [("kite", (0.5, 0, 1, 1), 0.85)], ["cat", "kite"]) == 1.0
+    assert M.all_found(dets, ["cat", "kite"]) == 0.0
+
+
+def test_cluster_bootstrap_resamples_concepts_and_seeds():
+    rng = np.random.default_rng(0)
+    # 4 concepts, each with its own level; 3 seeds each; 20 images per seed
+    levels = [0.1, 0.9, 0.2, 0.8]
+    vals, cl, sub = [], [], []
+    for k, lv in enumerate(levels):
+        for s in range(3):
+            for _ in range(20):
+                vals.append(float(rng.random() < lv)); cl.append(k); sub.append(s)
+    mean, lo, hi = M.cluster_bootstrap(vals, cl, sub, n_boot=1000)
+    naive = M.bootstrap_ci(vals, n_boot=1000)
+    assert mean == pytest.approx(np.mean(vals))
+    assert lo < mean < hi
+    assert (hi - lo) > 2 * (naive[2] - naive[1])  # clustered data: far wider than the image-level interval
+    # identical concepts: the interval collapses onto the shared value
+    assert M.cluster_bootstrap([1.0] * 6, [0, 0, 1, 1, 2, 2], [0, 1] * 3)[1:] == (1.0, 1.0)
+    # NaN values are dropped; all-NaN and mismatched labels are errors
+    assert M.cluster_bootstrap([1.0, np.nan, 0.0], [0, 0, 1])[0] == 0.5
+    with pytest.raises(ValueError, match="no values"):
+        M.cluster_bootstrap([np.nan], [0])
+    with pytest.raises(ValueError, match="cluster"):
+        M.cluster_bootstrap([1.0, 2.0], [0])
+
+
+def test_partners_skip_what_the_photos_show(toy_world):
+    indigo = toy_world.concept("indigo")
+    assert "kite" in indigo.in_photos
+    assert "kite" not in M.partners(toy_world, indigo)
+    assert M.partners(toy_world, "barn")[0] == "kite"  # a bare superclass has no photos

@@ -95,3 +95,41 @@ def test_bad_input(sd_world):
         g(config=GuidanceConfig(guided_steps=20))
     with pytest.raises(ValueError, match="inner_iters"):
         g(config=GuidanceConfig(inner_iters=0))
+
+
+def test_guided_steps_follow_the_noise_level(toy_world):
+    """By default guidance covers what the official code guides (its first 10 of 50 LMS steps,
+    t = 999 → 815.5): 4 of the toy world's 25 DDIM steps (t = 961, 921, 881, 841)."""
+    from compinv_utils.guidance import guided_step_count
+
+    sched = toy_world.pipe.scheduler
+    sched.set_timesteps(25)
+    assert guided_step_count(GuidanceConfig(), sched.timesteps) == 4
+    sched.set_timesteps(50)
+    assert guided_step_count(GuidanceConfig(), sched.timesteps) == 9  # 981 … 821
+    assert guided_step_count(GuidanceConfig(guided_steps=10), sched.timesteps) == 10
+    from diffusers import LMSDiscreteScheduler
+
+    lms = LMSDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    lms.set_timesteps(50)
+    assert guided_step_count(GuidanceConfig(), lms.timesteps) == 10  # the official setting
+
+
+def test_official_loss_takes_the_ratio_per_head():
+    """Two heads: one all inside the box, one half inside. Per head (official): mean((1-1)², (1-0.5)²) =
+    0.125; heads averaged first (Eq. 8 style): (1 - 0.75)² = 0.0625."""
+    from types import SimpleNamespace
+
+    from compinv_utils.guidance import _batch_loss
+
+    hw, T = 4, 3
+    head_in = torch.zeros(hw, T); head_in[0, 1] = 1.0  # token 1 attends only to pixel 0 (inside)
+    head_half = torch.zeros(hw, T); head_half[0, 1] = 0.5; head_half[3, 1] = 0.5  # half at pixel 3 (outside)
+    maps = torch.stack([head_in, head_half])[None]  # (B=1, heads=2, HW=4, T)
+    store = SimpleNamespace(step=0, maps={0: {"up.attn2": maps}}, shapes={"up.attn2": (2, 2)},
+                            resolutions_present=lambda: [2])
+    mask = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])  # pixel 0 only
+    official = _batch_loss(store, 2, GuidanceConfig(loss="official"), [[[1]]], [mask])
+    eq8 = _batch_loss(store, 2, GuidanceConfig(), [[[1]]], [mask])
+    assert float(official[0]) == pytest.approx(0.125)
+    assert float(eq8[0]) == pytest.approx(0.25)
