@@ -111,6 +111,7 @@ class AnchorLoss:
 
     def __init__(self, pipe, words: Sequence[str], lam: float = 0.95, c: int = 3, method: str = "nnomp",
                  refresh_every: int = 25):
+        """``lam`` defaults to the paper's 0.95 (SD 1.5); :meth:`for_world` takes the world's own λ."""
         self.lam = check_lambda(lam)
         self.words = list(words)
         self.anchors = anchor_embeddings(pipe, self.words)
@@ -121,6 +122,13 @@ class AnchorLoss:
         self.c, self.method, self.refresh_every = c, method, refresh_every
         self.delta: torch.Tensor | None = None
         self.last_log: dict = {}
+
+    @classmethod
+    def for_world(cls, world, **kwargs) -> "AnchorLoss":
+        """Anchored on the world's nouns with the world's λ and c (``world.settings``) unless given."""
+        kwargs.setdefault("lam", world.settings.lam)
+        kwargs.setdefault("c", world.settings.anchors_c)
+        return cls(world.pipe, world.concepts, **kwargs)
 
     def code(self, e: torch.Tensor) -> torch.Tensor:
         """δ for each vector of ``e`` ``(n, D)``, averaged over vectors (still ≤ c per vector)."""
@@ -142,6 +150,18 @@ class AnchorLoss:
 def embedding_layer(text_encoder) -> torch.nn.Module:
     """The text encoder's embedding layer (token + position embeddings; ``CLIPTextEmbeddings``)."""
     return getattr(text_encoder, "text_model", text_encoder).embeddings
+
+
+def choose_lambda(sweep: dict[float, float], tolerance: float = 0.15) -> float:
+    """The balance rule this repository uses to pick λ from a sweep (stated before any sweep was run):
+    the **largest** λ whose image alignment to the user photos (whole images, the paper's measure, mean
+    over concepts) stays within ``tolerance`` of plain TI's (λ = 0) — the strongest pull toward the
+    anchors that still keeps the concept's look. ``sweep`` maps λ to that mean image alignment and
+    must contain λ = 0."""
+    if 0.0 not in sweep:
+        raise ValueError("the sweep needs λ = 0 (plain TI) as its reference")
+    floor = sweep[0.0] - tolerance
+    return max(lam for lam, ia in sweep.items() if ia >= floor)
 
 
 class OfficialAnchorLoss:

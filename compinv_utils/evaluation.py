@@ -249,3 +249,34 @@ def difference_ci(records: Sequence[dict], setting: str, method: str, metric: st
                   seed: int = 0) -> tuple[float, float, float]:
     """Mean paired difference ``method − base`` and its 95 % cluster-bootstrap interval."""
     return M.cluster_bootstrap(*paired_difference(records, setting, method, metric, base), seed=seed)
+
+
+def sweep_point(world, concept, path: str | Path, partners: Sequence[str], samples: int = 4, seed: int = 0) -> dict:
+    """How one inversion of ``concept`` (the file at ``path``) behaves: its distance to the nouns (kNN,
+    k = 3), its look in "a photo of a S* {class}" (whole-image and object-crop image alignment over
+    ``samples`` images) and how it composes with each partner (one image each: CoI likelihood, all
+    found, class found, text alignment). Used by the λ sweep of chapter 03."""
+    from .embeddings import input_embeddings, knn_distance
+
+    pipe = world.pipe
+    load_embedding(pipe, path)
+    try:
+        e = input_embeddings(pipe, [concept.token])
+        vocab = input_embeddings(pipe, world.concepts)
+        alone = world.generate([f"a photo of a {concept.token} {concept.superclass}"] * samples, seed=seed)
+        dets = world.detect(alone)
+        prompts = [f"a {concept.token} {concept.superclass} and {M.article(x)}" for x in partners]
+        comp = world.generate(prompts, seed=seed)
+        cdets = world.detect(comp)
+        objects = [[concept.superclass, x] for x in partners]
+        text = M.text_alignment(world, comp, [M.pair_prompt(*o) for o in objects])
+    finally:
+        unload(pipe, concept.token)
+    obj = M.object_alignment(world, alone, dets, concept.superclass, world.photo_crops(concept))
+    return {"knn": float(knn_distance(e, vocab)[0]), "norm": float(e.norm()),
+            "image_alignment": float(M.image_alignment(world, alone, concept.photos).mean()),
+            "object_alignment": float(np.nanmean(obj)) if not np.isnan(obj).all() else None,
+            "coi": float(np.mean([M.coi_found(d, o) for d, o in zip(cdets, objects)])),
+            "all_found": float(np.mean([M.all_found(d, o) for d, o in zip(cdets, objects)])),
+            "class_found": float(np.mean([M.found(d, concept.superclass) for d in cdets])),
+            "text_alignment": float(np.mean(text))}
