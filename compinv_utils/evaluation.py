@@ -153,7 +153,7 @@ def table1(world, partners_for, inversions: dict, layouts: Layouts, inv_seeds: S
     interrupted run resumes where it stopped; a cache made with other settings is refused."""
     concepts = list(world.concepts_of_interest if concepts is None else concepts)
     settings = {"seeds": seeds, "pair_seeds": pair_seeds, "guidance": asdict(guidance),
-                "inversions": {k: Path(v).as_posix() for k, v in sorted(inversions.items())}}
+                "inversions": {k: "/".join(Path(v).resolve().parts[-2:]) for k, v in sorted(inversions.items())}}
     cache = Path(cache) if cache is not None else None
     done: dict[str, list[dict]] = {}
     if cache is not None and cache.exists():

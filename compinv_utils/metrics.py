@@ -74,16 +74,8 @@ def all_found(detections, objects: Sequence[str]) -> float:
     return float(all(found(detections, o) for o in objects))
 
 
-def cluster_bootstrap(values, clusters, subclusters=None, n_boot: int = 2000, level: float = 0.95,
-                      seed: int = 0) -> tuple[float, float, float]:
-    """Mean and percentile interval ``(mean, low, high)`` from a two-level cluster bootstrap.
-
-    ``values`` ``(n,)`` are per-image numbers (NaN ones are dropped); ``clusters`` ``(n,)`` the
-    independently drawn unit each belongs to (a concept, or a pair of concepts); ``subclusters`` ``(n,)``
-    the unit drawn within it (an inversion seed). Each replicate draws clusters with replacement, then
-    within each drawn cluster its subclusters with replacement, and averages all images of the drawn
-    cells. With one cluster the interval only reflects the subclusters; with one cell per cluster it is
-    the ordinary bootstrap over clusters."""
+def _cells(values, clusters, subclusters) -> tuple[list[np.ndarray], list[np.ndarray], float]:
+    """Per cluster, the sums and counts of its subclusters' values (NaN values dropped), and the mean."""
     x = np.asarray(values, dtype=float).ravel()
     cl = np.asarray(clusters, dtype=object).ravel()
     sub = np.zeros(len(x), dtype=object) if subclusters is None else np.asarray(subclusters, dtype=object).ravel()
@@ -95,12 +87,15 @@ def cluster_bootstrap(values, clusters, subclusters=None, n_boot: int = 2000, le
         raise ValueError("no values to bootstrap")
     cells: dict = {}
     for v, c, s in zip(x, cl, sub):
-        cells.setdefault(c, {}).setdefault(s, [0.0, 0])
-        cells[c][s][0] += v
-        cells[c][s][1] += 1
+        cell = cells.setdefault(c, {}).setdefault(s, [0.0, 0])
+        cell[0] += v
+        cell[1] += 1
     sums = [np.array([cell[0] for cell in cells[c].values()]) for c in cells]
     counts = [np.array([cell[1] for cell in cells[c].values()]) for c in cells]
-    rng = np.random.default_rng(seed)
+    return sums, counts, float(x.mean())
+
+
+def _replicates(sums, counts, n_boot: int, rng: np.random.Generator) -> np.ndarray:
     stats = np.empty(n_boot)
     for b in range(n_boot):
         total = n = 0.0
@@ -109,8 +104,36 @@ def cluster_bootstrap(values, clusters, subclusters=None, n_boot: int = 2000, le
             total += sums[k][pick].sum()
             n += counts[k][pick].sum()
         stats[b] = total / n
+    return stats
+
+
+def cluster_bootstrap(values, clusters, subclusters=None, n_boot: int = 2000, level: float = 0.95,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """Mean and percentile interval ``(mean, low, high)`` from a two-level cluster bootstrap.
+
+    ``values`` ``(n,)`` are per-image numbers (NaN ones are dropped); ``clusters`` ``(n,)`` the
+    independently drawn unit each belongs to (a concept, or a pair of concepts); ``subclusters`` ``(n,)``
+    the unit drawn within it (an inversion seed). Each replicate draws clusters with replacement, then
+    within each drawn cluster its subclusters with replacement, and averages all images of the drawn
+    cells. With one cell per cluster it is the ordinary bootstrap over clusters; paired differences
+    (one value per image, method minus baseline) go in as values."""
+    sums, counts, mean = _cells(values, clusters, subclusters)
+    stats = _replicates(sums, counts, n_boot, np.random.default_rng(seed))
     a = (1 - level) / 2
-    return float(x.mean()), float(np.quantile(stats, a)), float(np.quantile(stats, 1 - a))
+    return mean, float(np.quantile(stats, a)), float(np.quantile(stats, 1 - a))
+
+
+def cluster_bootstrap_diff(a, a_clusters, b, b_clusters, a_sub=None, b_sub=None, n_boot: int = 2000,
+                           level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """``mean(a) − mean(b)`` of two independent samples, each resampled by its own clusters (and
+    subclusters), with a percentile interval: e.g. the inverted words (clusters: concepts, subclusters:
+    inversion seeds) against the vocabulary's nouns (each noun its own cluster)."""
+    sa, ca, ma = _cells(a, a_clusters, a_sub)
+    sb, cb, mb = _cells(b, b_clusters, b_sub)
+    rng = np.random.default_rng(seed)
+    d = _replicates(sa, ca, n_boot, rng) - _replicates(sb, cb, n_boot, rng)
+    q = (1 - level) / 2
+    return ma - mb, float(np.quantile(d, q)), float(np.quantile(d, 1 - q))
 
 
 def bootstrap_ci(values, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:

@@ -47,7 +47,7 @@ def test_anchor_gradient_pulls_toward_active_anchors(atoms):
     anchor_loss(e, atoms, delta).backward()
     step = -e.grad
     target = 0.7 * atoms[2] + 0.3 * atoms[9]
-    assert torch.allclose(step, 2 * target, atol=1e-5)  # the descent direction points at the weighted anchors
+    assert torch.allclose(step, 2 * target / len(atoms), atol=1e-6)  # toward the weighted anchors, scaled by 1/K (Eq. 5)
     with torch.no_grad():
         moved = e - 0.1 * e.grad
     assert anchor_loss(moved, atoms, delta) < anchor_loss(torch.zeros(32), atoms, delta)

@@ -205,3 +205,9 @@ def test_partners_skip_what_the_photos_show(toy_world):
     assert "kite" in indigo.in_photos
     assert "kite" not in M.partners(toy_world, indigo)
     assert M.partners(toy_world, "barn")[0] == "kite"  # a bare superclass has no photos
+
+
+def test_cluster_bootstrap_difference_of_two_samples():
+    a, b = [1.0, 1.0, 0.8, 0.9], [0.0, 0.1, 0.2]
+    d, lo, hi = M.cluster_bootstrap_diff(a, [0, 0, 1, 1], b, [0, 1, 2], a_sub=[0, 1, 0, 1])
+    assert d == pytest.approx(np.mean(a) - np.mean(b)) and 0 < lo <= d <= hi
