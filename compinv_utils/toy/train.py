@@ -393,6 +393,10 @@ def build_world(out: Path, cfg: TrainConfig, device: torch.device, workers: int,
                                    unet=_half_copy(unet), scheduler=make_sample_scheduler(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out / "pipeline")
+    # The weights are stored in float16 (small), but transformers loads a model in its config's dtype while
+    # diffusers loads float32: say float32 so that a plain from_pretrained gives one dtype throughout.
+    te_config = out / "pipeline" / "text_encoder" / "config.json"
+    te_config.write_text(json.dumps(json.loads(te_config.read_text()) | {"dtype": "float32"}, indent=2) + "\n")
     for leftover in ("unet_ema_partial", "vae_stage"):
         if (out / leftover).exists():
             shutil.rmtree(out / leftover)
