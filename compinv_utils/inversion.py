@@ -16,6 +16,7 @@ import hashlib
 import inspect
 import json
 import math
+import numbers
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -97,13 +98,17 @@ def add_placeholder(pipe, token: str, init_word: str, num_vectors: int = 1) -> l
         raise ValueError(f"placeholder token(s) {present} are already in the vocabulary; pick another name or call "
                          f"unload(pipe, {token!r}) first")
     added = tok.add_tokens(tokens)
-    if added != num_vectors:
-        raise ValueError(f"the tokenizer added {added} of {num_vectors} tokens for {token!r}")
-    te.resize_token_embeddings(len(tok), mean_resizing=False)
-    ids = tok.convert_tokens_to_ids(tokens)
-    with torch.no_grad():
-        w = te.get_input_embeddings().weight
-        w[ids] = w[init_id].clone()
+    try:
+        if added != num_vectors:
+            raise ValueError(f"the tokenizer added {added} of {num_vectors} tokens for {token!r}")
+        te.resize_token_embeddings(len(tok), mean_resizing=False)
+        ids = tok.convert_tokens_to_ids(tokens)
+        with torch.no_grad():
+            w = te.get_input_embeddings().weight
+            w[ids] = w[init_id].clone()
+    except BaseException:
+        unload(pipe, token)  # nothing half-added
+        raise
     return ids
 
 
@@ -195,12 +200,12 @@ def check_config(config: InversionConfig) -> None:
 
     for name in ("steps", "batch_size", "num_vectors", "checkpoint_every"):
         whole(name, 1)
-    if not (isinstance(config.lr, (int, float)) and math.isfinite(config.lr) and config.lr > 0):
+    if not (isinstance(config.lr, numbers.Real) and math.isfinite(config.lr) and config.lr > 0):
         raise ValueError(f"InversionConfig.lr must be a finite number > 0, got {config.lr!r} (the default is 5e-3)")
-    if not (isinstance(config.weight_decay, (int, float)) and math.isfinite(config.weight_decay)
+    if not (isinstance(config.weight_decay, numbers.Real) and math.isfinite(config.weight_decay)
             and config.weight_decay >= 0):
         raise ValueError(f"InversionConfig.weight_decay must be a finite number >= 0, got {config.weight_decay!r}")
-    if not (isinstance(config.flip_p, (int, float)) and 0.0 <= config.flip_p <= 1.0):
+    if not (isinstance(config.flip_p, numbers.Real) and 0.0 <= config.flip_p <= 1.0):
         raise ValueError(f"InversionConfig.flip_p is a probability and must be in [0, 1], got {config.flip_p!r}")
     if isinstance(config.templates, str) or len(config.templates) == 0:
         raise ValueError("InversionConfig.templates must be a non-empty tuple of prompts such as 'a photo of a {}'")
