@@ -112,6 +112,15 @@ class AnchorLoss:
     def __init__(self, pipe, words: Sequence[str], lam: float = 0.95, c: int = 3, method: str = "nnomp",
                  refresh_every: int = 25):
         """``lam`` defaults to the paper's 0.95 (SD 1.5); :meth:`for_world` takes the world's own λ."""
+        words = words if isinstance(words, str) else list(words)
+        if isinstance(words, str) or not all(isinstance(w, str) for w in words):
+            raise TypeError(f"words must be a list of anchor words, e.g. ['cat', 'dog'], got {words!r}")
+        if len(words) == 0:
+            raise ValueError("no anchor words given: pass a non-empty list, e.g. the world's nouns")
+        if method not in METHODS:
+            raise ValueError(f"unknown sparse coder {method!r}; choose one of {METHODS}")
+        if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in (c, refresh_every)):
+            raise TypeError(f"c and refresh_every must be integers, got c={c!r}, refresh_every={refresh_every!r}")
         self.lam = check_lambda(lam)
         self.words = list(words)
         self.anchors = anchor_embeddings(pipe, self.words)

@@ -218,6 +218,10 @@ def token_indices(tokenizer, prompt: str, word: str) -> list[int]:
     target = tokenizer(" ".join(words), add_special_tokens=False).input_ids
     for start in range(len(ids) - len(target) + 1):
         if ids[start:start + len(target)] == target:
+            limit = tokenizer.model_max_length - 1  # the last position holds the end token
+            if start + len(target) > limit:
+                raise ValueError(f"{word!r} is at token {start} of the prompt {prompt!r}, past the {limit} tokens the "
+                                 "text encoder reads; shorten the prompt")
             return list(range(start, start + len(target)))
     raise ValueError(f"{word!r} does not occur in the prompt {prompt!r}")
 

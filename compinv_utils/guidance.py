@@ -28,6 +28,7 @@ with ``σ_t² = (1 − ᾱ_t) / ᾱ_t``. Since ``∇_x L = √ᾱ_t ∇_z L``, t
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -54,12 +55,23 @@ class GuidanceConfig:
 
 
 def check_config(cfg: GuidanceConfig, num_steps: int) -> None:
+    if not isinstance(cfg, GuidanceConfig):
+        raise TypeError(f"config must be a GuidanceConfig, got {type(cfg).__name__}")
     if cfg.guided_steps is not None and not 0 <= cfg.guided_steps <= num_steps:
         raise ValueError(f"guided_steps must be in [0, {num_steps}] (the number of denoising steps), got {cfg.guided_steps}")
+    if not math.isfinite(cfg.guide_until_t):
+        raise ValueError(f"guide_until_t must be a finite timestep (the default 815.5 guides t = 999 → 815.5), got {cfg.guide_until_t}")
     if cfg.inner_iters < 1:
         raise ValueError(f"inner_iters must be >= 1, got {cfg.inner_iters}")
-    if not cfg.step_size >= 0:
-        raise ValueError(f"step_size must be >= 0, got {cfg.step_size}")
+    if not (cfg.step_size >= 0 and math.isfinite(cfg.step_size)):
+        raise ValueError(f"step_size must be a finite number >= 0, got {cfg.step_size} (the default is 30)")
+    if math.isnan(cfg.stop_below):
+        raise ValueError("stop_below is NaN; use 0.0 to never stop early")
+    res = cfg.resolution
+    if res is not None and (isinstance(res, bool) or not isinstance(res, (int, np.integer)) or res < 1):
+        raise ValueError(f"resolution must be a map height >= 1 (e.g. 16) or None, got {cfg.resolution!r}")
+    if isinstance(cfg.layers, str):
+        raise TypeError(f"layers must be a tuple of name parts, e.g. ({cfg.layers!r},), not a string")
     if cfg.loss not in ("eq8", "official"):
         raise ValueError(f"loss must be 'eq8' or 'official', got {cfg.loss!r}")
     if cfg.heads is not None and not (len(cfg.heads) == 2 and 0 <= cfg.heads[0] < cfg.heads[1]):
@@ -82,6 +94,10 @@ def localisation_loss(maps: torch.Tensor, positions: Sequence[Sequence[int]], ma
         raise ValueError(f"{len(masks)} masks for {len(positions)} words: give one box per word")
     if masks.shape[-2:] != maps.shape[-2:]:
         raise ValueError(f"masks are {tuple(masks.shape[-2:])} but the attention maps are {tuple(maps.shape[-2:])}")
+    if not bool(((masks >= 0) & torch.isfinite(masks)).all()):
+        raise ValueError("masks hold negative or NaN values; a mask is 1 inside the box and 0 outside")
+    if bool((masks.flatten(1).sum(1) <= 0).any()):
+        raise ValueError("a mask is all zero: every word needs a box that covers at least one cell")
     terms = []
     for pos, m in zip(positions, masks.to(maps)):
         a = maps[:, list(pos)]  # (B, k, h, w)
@@ -189,11 +205,19 @@ class GuidedOutput:
     passes: dict = field(default_factory=dict)
 
 
+def _depth(x) -> int:
+    """Nesting depth of a number (0), a box (1) or a list of boxes (2), read from first elements."""
+    d = 0
+    while isinstance(x, (list, tuple, np.ndarray, torch.Tensor)) and len(x):
+        x, d = x[0], d + 1
+    return d
+
+
 def _per_prompt(words, boxes, n: int) -> tuple[list, list]:
     """``words``/``boxes`` as one list per prompt (a single shared list is repeated ``n`` times)."""
     if words and isinstance(words[0], str):
         words = [list(words)] * n
-    if len(boxes) and np.ndim(boxes[0]) == 1:  # one box list shared by all prompts
+    if len(boxes) and _depth(boxes[0]) == 1:  # one box list shared by all prompts
         boxes = [list(boxes)] * n
     return [list(w) for w in words], [list(b) for b in boxes]
 
@@ -214,19 +238,35 @@ def guided_generate(world, prompts: Sequence[str], words, boxes, seeds: Sequence
     pipe = world.pipe
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     n = len(prompts)
+    if n == 0:
+        raise ValueError("no prompts given: pass a non-empty list of prompts")
+    if isinstance(words, str) or (len(words) and isinstance(words[0], (list, tuple)) and
+                                  any(isinstance(w, str) for w in words)):
+        raise TypeError(f"words must be a list of words (e.g. ['cat', 'dog']) or one such list per prompt, "
+                        f"got {words!r}")
+    if len(boxes) and _depth(boxes[0]) == 0:
+        raise TypeError(f"boxes must be a list of (x0, y0, x1, y1) boxes, one per word, got {list(boxes)!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     words, boxes = _per_prompt(words, boxes, n)
     if len(words) != n or len(boxes) != n:
         raise ValueError(f"{n} prompts but {len(words)} word lists and {len(boxes)} box lists: give one per prompt (or one shared)")
     seeds = list(range(seed, seed + n)) if seeds is None else list(seeds)
     if len(seeds) != n:
         raise ValueError(f"{len(seeds)} seeds for {n} prompts")
-    steps = num_inference_steps or world.num_inference_steps
+    steps = world.num_inference_steps if num_inference_steps is None else num_inference_steps
     cfg_scale = world.guidance_scale if guidance_scale is None else guidance_scale
-    if steps < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1 (an integer), got {steps!r} (None: the world's "
+                         f"{world.num_inference_steps})")
     check_config(config, steps)
-    if cfg_scale < 1:
-        raise ValueError(f"guidance_scale must be >= 1 (1 turns classifier-free guidance off), got {cfg_scale}")
+    if not (cfg_scale >= 1 and math.isfinite(cfg_scale)):
+        raise ValueError(f"guidance_scale must be >= 1 and finite (1 turns classifier-free guidance off), "
+                         f"got {cfg_scale}")
+    f = pipe.vae_scale_factor
+    for name, v in (("height", height), ("width", width)):
+        if v is not None and (v < f or v % f):
+            raise ValueError(f"{name} must be a positive multiple of {f} (the VAE's downsampling), got {v}")
     for p, ws, bs in zip(prompts, words, boxes):
         if len(ws) != len(bs):
             raise ValueError(f"{len(bs)} boxes for {len(ws)} words in {p!r}: give one box per word")

@@ -12,6 +12,12 @@ Saved embeddings are ``{token: (n_vectors, D)}`` safetensors files that
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
+import math
+import numbers
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -31,7 +37,7 @@ TEMPLATES = (
     "a photo of a small {}",
 )
 
-# loss_fn(rec_loss, new_embeddings (n_vectors, D), step) -> total loss
+# loss_fn(rec_loss, new_embeddings (n_vectors, D) float32, step) -> total loss
 LossFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
@@ -92,13 +98,17 @@ def add_placeholder(pipe, token: str, init_word: str, num_vectors: int = 1) -> l
         raise ValueError(f"placeholder token(s) {present} are already in the vocabulary; pick another name or call "
                          f"unload(pipe, {token!r}) first")
     added = tok.add_tokens(tokens)
-    if added != num_vectors:
-        raise ValueError(f"the tokenizer added {added} of {num_vectors} tokens for {token!r}")
-    te.resize_token_embeddings(len(tok), mean_resizing=False)
-    ids = tok.convert_tokens_to_ids(tokens)
-    with torch.no_grad():
-        w = te.get_input_embeddings().weight
-        w[ids] = w[init_id].clone()
+    try:
+        if added != num_vectors:
+            raise ValueError(f"the tokenizer added {added} of {num_vectors} tokens for {token!r}")
+        te.resize_token_embeddings(len(tok), mean_resizing=False)
+        ids = tok.convert_tokens_to_ids(tokens)
+        with torch.no_grad():
+            w = te.get_input_embeddings().weight
+            w[ids] = w[init_id].clone()
+    except BaseException:
+        unload(pipe, token)  # nothing half-added
+        raise
     return ids
 
 
@@ -110,24 +120,53 @@ def unload(pipe, token: str) -> None:
 
 
 def save_embedding(path: str | Path, token: str, embeddings: torch.Tensor) -> Path:
+    """Write ``{token: (n, D)}`` float32 safetensors atomically; NaN or infinite values are refused."""
     from safetensors.torch import save_file
+
+    from .files import atomic_path, check_finite
 
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path / "learned_embeds.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({token: embeddings.detach().float().cpu().contiguous()}, str(path))
+    check_finite(embeddings, f"the embedding of {token!r}")
+    with atomic_path(path) as tmp:
+        save_file({token: embeddings.detach().float().cpu().contiguous()}, str(tmp))
     return path
 
 
-def load_embedding(pipe, path: str | Path, token: str | None = None) -> None:
-    """Load a saved embedding into the pipeline, replacing a token of the same name."""
+def read_embedding(path: str | Path, dim: int | None = None) -> dict[str, torch.Tensor]:
+    """Read and check a saved embedding file: ``{token: (n, D)}`` float32, finite, ``D == dim`` when given."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from .files import check_finite
 
     path = Path(path)
     if path.is_dir():
         path = path / "learned_embeds.safetensors"
-    state = load_file(str(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"embedding file {path} does not exist")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"embedding file {path} is truncated or not a safetensors file ({exc}); save it again") from exc
+    if not state:
+        raise ValueError(f"embedding file {path} holds no tensors")
+    for name, t in state.items():
+        if t.dim() not in (1, 2) or (dim is not None and t.shape[-1] != dim):
+            raise ValueError(f"embedding {name!r} in {path} has shape {tuple(t.shape)} but this text encoder needs "
+                             f"(n_vectors, {dim}); it was made for another model")
+        check_finite(t, f"embedding {name!r} in {path}")
+    return state
+
+
+def load_embedding(pipe, path: str | Path, token: str | None = None) -> None:
+    """Load a saved embedding into the pipeline, replacing a token of the same name. The file is checked
+    (shape, NaN/inf) before the old token is removed, so a bad file changes nothing."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "learned_embeds.safetensors"
+    state = read_embedding(path, pipe.text_encoder.get_input_embeddings().weight.shape[1])
     name = token or next(iter(state))
     unload(pipe, name)
     pipe.load_textual_inversion(str(path), token=name)
@@ -135,6 +174,8 @@ def load_embedding(pipe, path: str | Path, token: str | None = None) -> None:
 
 def prepare_photos(photos: Sequence[Image.Image], size: int) -> torch.Tensor:
     """Photos -> ``(N, 3, size, size)`` in [-1, 1]; grayscale/RGBA are converted, sizes unified."""
+    if isinstance(photos, (Image.Image, str, Path)):
+        raise TypeError("photos must be a list of PIL images; wrap a single photo in a list")
     if len(photos) == 0:
         raise ValueError("no photos given: textual inversion needs at least one image of the concept")
     out = []
@@ -150,9 +191,131 @@ def prepare_photos(photos: Sequence[Image.Image], size: int) -> torch.Tensor:
     return torch.stack(out)
 
 
+def check_config(config: InversionConfig) -> None:
+    """Raise ``ValueError`` (saying what to change) for settings :func:`invert` cannot run with."""
+    def whole(name: str, lo: int) -> None:
+        v = getattr(config, name)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+            raise ValueError(f"InversionConfig.{name} must be an integer >= {lo}, got {v!r}")
+
+    for name in ("steps", "batch_size", "num_vectors", "checkpoint_every"):
+        whole(name, 1)
+    if not (isinstance(config.lr, numbers.Real) and math.isfinite(config.lr) and config.lr > 0):
+        raise ValueError(f"InversionConfig.lr must be a finite number > 0, got {config.lr!r} (the default is 5e-3)")
+    if not (isinstance(config.weight_decay, numbers.Real) and math.isfinite(config.weight_decay)
+            and config.weight_decay >= 0):
+        raise ValueError(f"InversionConfig.weight_decay must be a finite number >= 0, got {config.weight_decay!r}")
+    if not (isinstance(config.flip_p, numbers.Real) and 0.0 <= config.flip_p <= 1.0):
+        raise ValueError(f"InversionConfig.flip_p is a probability and must be in [0, 1], got {config.flip_p!r}")
+    if isinstance(config.templates, str) or len(config.templates) == 0:
+        raise ValueError("InversionConfig.templates must be a non-empty tuple of prompts such as 'a photo of a {}'")
+    for t in config.templates:
+        if not isinstance(t, str) or t.count("{}") != 1 or not t.replace("{}", "").strip():
+            raise ValueError(f"template {t!r} must be text with exactly one '{{}}' where the pseudo-word goes, "
+                             "e.g. 'a photo of a {}'")
+        try:
+            t.format("x")
+        except (IndexError, KeyError, ValueError) as exc:
+            raise ValueError(f"template {t!r} has braces other than one '{{}}' ({exc}); write '{{{{' for a "
+                             "literal brace") from exc
+
+
+def _prepare_masks(masks: Sequence[np.ndarray], n: int, latent: int) -> torch.Tensor:
+    """Per-photo ``(H, W)`` masks in [0, 1] -> ``(N, 1, latent, latent)``, checked."""
+    if len(masks) != n:
+        raise ValueError(f"{len(masks)} masks for {n} photos: give one (H, W) mask per photo")
+    out = []
+    for i, m in enumerate(masks):
+        a = np.asarray(m, np.float32)
+        if a.ndim != 2:
+            raise ValueError(f"mask {i} has shape {a.shape}; masks must be 2-D (H, W) arrays")
+        if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+            raise ValueError(f"mask {i} has values outside [0, 1] (or NaN); masks are weights in [0, 1]")
+        if a.sum() == 0:
+            raise ValueError(f"mask {i} is all zero: that photo would teach nothing; mark its concept or drop it")
+        out.append(torch.from_numpy(a))
+    sizes = {tuple(a.shape) for a in out}
+    if len(sizes) > 1:
+        raise ValueError(f"masks have different sizes {sorted(sizes)}; give them all the same (H, W)")
+    return F.interpolate(torch.stack(out)[:, None], size=(latent,) * 2, mode="area")
+
+
 def _checkpoint_path(folder: Path, token: str) -> Path:
     safe = "".join(c if c.isalnum() else "_" for c in token)
-    return folder / f"inversion_{safe}.pt"
+    return folder / f"inversion_{safe}_{hashlib.sha256(token.encode()).hexdigest()[:8]}.pt"
+
+
+def _digest(x: torch.Tensor | None) -> str | None:
+    if x is None:
+        return None
+    a = x.detach().cpu().contiguous().numpy()
+    return hashlib.sha256(str(a.shape).encode() + a.tobytes()).hexdigest()[:16]
+
+
+def loss_identity(loss_fn) -> dict:
+    """What a checkpoint records of ``loss_fn``: its type (or function) name and its settings —
+    ``loss_fn.describe()`` when it has one, else its plain public attributes (numbers, text, lists)."""
+    if loss_fn is None:
+        return {"name": "reconstruction", "settings": {}}
+    kind = loss_fn if inspect.isfunction(loss_fn) else type(loss_fn)
+    name = f"{kind.__module__}.{kind.__qualname__}"
+    if callable(getattr(loss_fn, "describe", None)):
+        settings = loss_fn.describe()
+    else:
+        plain = (bool, int, float, str)
+        settings = {k: v for k, v in sorted(getattr(loss_fn, "__dict__", {}).items())
+                    if not k.startswith("_") and k != "last_log" and (
+                        isinstance(v, plain) or (isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v)))}
+        if not settings and not inspect.isfunction(loss_fn):
+            settings = {"repr": re.sub(r" at 0x[0-9a-fA-F]+", "", repr(loss_fn))}
+    return {"name": name, "settings": json.loads(json.dumps(settings, default=str))}
+
+
+def _made_from(token: str, superclass: str, pixels: torch.Tensor, mask_t: torch.Tensor | None, loss_fn,
+               config: InversionConfig) -> dict:
+    return {"token": token, "superclass": superclass, "photos": _digest(pixels), "masks": _digest(mask_t),
+            "loss": loss_identity(loss_fn), "config": json.loads(json.dumps(asdict(config)))}
+
+
+def _read_checkpoint(ckpt: Path, made_from: dict, num_vectors: int, dim: int) -> dict:
+    """A checkpoint made from exactly ``made_from``, checked; ``ValueError`` naming the file otherwise."""
+    from .files import check_finite, torch_load
+
+    fix = "delete it to start afresh"
+    blob = torch_load(ckpt, "inversion checkpoint", fix)
+    if not isinstance(blob, dict) or "made_from" not in blob:
+        raise ValueError(f"inversion checkpoint {ckpt} is from an older version or another program; {fix}")
+    old = json.loads(blob["made_from"])
+    if old != made_from:
+        diff = sorted(k for k in set(old) | set(made_from) if old.get(k) != made_from.get(k))
+        raise ValueError(f"inversion checkpoint {ckpt} was made from a different {', '.join(diff)}; resuming would "
+                         f"mix two runs: {fix} (or pass another checkpoint_dir)")
+    emb = blob["embeddings"]
+    if tuple(emb.shape) != (num_vectors, dim):
+        raise ValueError(f"inversion checkpoint {ckpt} holds embeddings of shape {tuple(emb.shape)}, expected "
+                         f"{(num_vectors, dim)}; {fix}")
+    check_finite(emb, f"inversion checkpoint {ckpt}")
+    return blob
+
+
+class _InjectRows:
+    """A forward hook on the token-embedding layer: the outputs at ``ids`` become ``rows`` (cast to the
+    table's dtype), so only ``rows`` (float32) are trained and the table itself never changes."""
+
+    def __init__(self, ids: Sequence[int], rows: torch.Tensor):
+        self.ids = torch.tensor(list(ids), device=rows.device)
+        self.rows = rows
+
+    def __call__(self, module, args, output: torch.Tensor) -> torch.Tensor:
+        input_ids = args[0] if args else None
+        if input_ids is None:
+            return output
+        match = input_ids[..., None] == self.ids.to(input_ids.device)  # (..., T, n)
+        hit = match.any(-1)
+        if not bool(hit.any()):
+            return output
+        pos = match.int().argmax(-1)
+        return torch.where(hit[..., None], self.rows.to(output.device, output.dtype)[pos], output)
 
 
 def invert(pipe, photos: Sequence[Image.Image], token: str, superclass: str, config: InversionConfig = InversionConfig(),
@@ -160,39 +323,71 @@ def invert(pipe, photos: Sequence[Image.Image], token: str, superclass: str, con
            checkpoint_dir: str | Path | None = None, progress: bool = True) -> InversionResult:
     """Learn the embedding of ``token`` from ``photos``; the pipeline keeps the token afterwards.
 
+    The trained rows are a separate float32 parameter ``(num_vectors, D)`` with a float32 AdamW, injected
+    into the text encoder's token embeddings by a forward hook (so fp16/bf16 pipelines train too); they are
+    written into the table (cast to its dtype) at the end. On an error the hook is removed and a
+    placeholder this call added is removed again.
+
     ``masks``: optional per-photo ``(H, W)`` arrays in [0, 1] weighting the reconstruction loss
     (e.g. the concept's region). ``checkpoint_dir``: save every ``config.checkpoint_every`` steps and
-    resume from the last checkpoint when one exists for this token.
+    resume from the last checkpoint when one exists for this token; a checkpoint made from other photos,
+    superclass, loss, masks or settings is refused.
     """
+    check_config(config)
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(rec, embeddings, step), got {type(loss_fn).__name__}")
     device = pipe.unet.device
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     pixels = prepare_photos(photos, size)
-    if masks is not None:
-        if len(masks) != len(pixels):
-            raise ValueError(f"{len(masks)} masks for {len(pixels)} photos")
-        mask_t = torch.stack([torch.as_tensor(np.asarray(m, np.float32)) for m in masks])[:, None]
-        mask_t = F.interpolate(mask_t, size=(pipe.unet.config.sample_size,) * 2, mode="area")
+    mask_t = None if masks is None else _prepare_masks(masks, len(pixels), pipe.unet.config.sample_size)
     ckpt = _checkpoint_path(Path(checkpoint_dir), token) if checkpoint_dir else None
     tokens = placeholder_tokens(token, config.num_vectors)
-    resume = torch.load(ckpt, weights_only=False) if ckpt and ckpt.exists() else None
-    if resume and resume["config"] != asdict(config):
-        raise ValueError(f"checkpoint {ckpt} was made with other settings; delete it to start afresh")
+    emb = pipe.text_encoder.get_input_embeddings()
+    made_from = _made_from(token, superclass, pixels, mask_t, loss_fn, config)
+    resume = (_read_checkpoint(ckpt, made_from, config.num_vectors, emb.weight.shape[1])
+              if ckpt and ckpt.exists() else None)
+    added = False
     if tokens[0] not in pipe.tokenizer.get_vocab():
         ids = add_placeholder(pipe, token, superclass, config.num_vectors)
+        added = True
     elif resume is not None:
         ids = pipe.tokenizer.convert_tokens_to_ids(tokens)
     else:
         raise ValueError(f"placeholder token {token!r} is already in the vocabulary; call unload(pipe, {token!r}) "
                          "or choose another name")
+    handle = None
+    try:
+        emb = pipe.text_encoder.get_input_embeddings()  # resize_token_embeddings made a new one
+        rows = torch.nn.Parameter(emb.weight[ids].detach().float().clone())
+        handle = emb.register_forward_hook(_InjectRows(ids, rows))
+        result = _train(pipe, pixels, mask_t, token, tokens, superclass, config, loss_fn, rows, ckpt, made_from,
+                        resume, progress)
+        with torch.no_grad():
+            emb.weight[ids] = rows.detach().to(emb.weight.dtype)
+        result.embeddings = emb.weight[ids].detach().float().cpu().clone()
+    except BaseException:
+        if added:
+            if handle is not None:
+                handle.remove()
+                handle = None
+            unload(pipe, token)
+        raise
+    finally:
+        if handle is not None:
+            handle.remove()
+    return result
+
+
+def _train(pipe, pixels, mask_t, token, tokens, superclass, config, loss_fn, rows, ckpt, made_from, resume,
+           progress) -> InversionResult:
+    """The optimisation loop of :func:`invert` (the hook that injects ``rows`` is in place)."""
+    from .files import torch_save
+
+    device = pipe.unet.device
     te, unet, vae = pipe.text_encoder, pipe.unet, pipe.vae
     for m in (te, unet, vae):
         m.requires_grad_(False)
-    emb = te.get_input_embeddings()
-    emb.weight.requires_grad_(True)
-    frozen = emb.weight.detach().clone()
-    keep = torch.ones(len(frozen), dtype=torch.bool, device=frozen.device)
-    keep[ids] = False
-    opt = torch.optim.AdamW([emb.weight], lr=config.lr, weight_decay=config.weight_decay)
+    opt = torch.optim.AdamW([rows], lr=config.lr, weight_decay=config.weight_decay)
 
     with torch.no_grad():
         dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
@@ -211,11 +406,11 @@ def invert(pipe, photos: Sequence[Image.Image], token: str, superclass: str, con
     start = 0
     if resume is not None:
         with torch.no_grad():
-            emb.weight[ids] = resume["embeddings"].to(emb.weight)
+            rows.copy_(resume["embeddings"].to(rows))
         opt.load_state_dict(resume["optimizer"])
-        rng.bit_generator.state = resume["rng"]
+        rng.bit_generator.state = json.loads(resume["rng"])
         gen.set_state(resume["gen"])
-        losses, log, start = resume["losses"], resume["log"], resume["step"]
+        losses, log, start = list(resume["losses"]), json.loads(resume["log"]), int(resume["step"])
 
     bar = tqdm(range(start, config.steps), desc=f"invert {token}", disable=not progress, initial=start, total=config.steps)
     for step in bar:
@@ -237,36 +432,38 @@ def invert(pipe, photos: Sequence[Image.Image], token: str, superclass: str, con
         pred = unet(zt.to(unet.dtype), t, cond.to(unet.dtype)).sample.float()
         target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
         err = (pred - target) ** 2
-        if masks is not None:
+        if mask_t is not None:
             m = mask_t[idx].to(device)
             m = torch.where(flip_t, m.flip(-1), m)
             rec = (err * m).sum() / (m.sum() * err.shape[1]).clamp(min=1e-6)
         else:
             rec = err.mean()
-        loss = rec if loss_fn is None else loss_fn(rec, emb.weight[ids], step)
+        loss = rec if loss_fn is None else loss_fn(rec, rows, step)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the inversion loss became {loss.item()} at step {step}; lower the learning rate "
                                      f"(now {config.lr})" + (f"; the last good embedding is in {ckpt}" if ckpt else ""))
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if rows.grad is not None and not torch.isfinite(rows.grad).all():
+            raise FloatingPointError(f"the gradient of the embedding overflowed at step {step} (the model runs in "
+                                     f"{te.dtype}); lower the learning rate or invert in float32")
         opt.step()
-        with torch.no_grad():
-            emb.weight[keep] = frozen[keep]
         losses.append(float(loss.item()))
         if loss_fn is not None and hasattr(loss_fn, "last_log"):
             log.append(dict(step=step, **loss_fn.last_log))
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         if ckpt and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(dict(embeddings=emb.weight[ids].detach().cpu(), optimizer=opt.state_dict(), step=step + 1,
-                            rng=rng.bit_generator.state, gen=gen.get_state(), losses=losses, log=log,
-                            config=asdict(config)), ckpt)
+            torch_save(dict(made_from=json.dumps(made_from), embeddings=rows.detach().cpu().clone(),
+                            optimizer=opt.state_dict(), step=step + 1, rng=json.dumps(rng.bit_generator.state),
+                            gen=gen.get_state(), losses=list(losses), log=json.dumps(log, default=_plain)), ckpt)
     te.eval()
-    emb.weight.requires_grad_(False)
-    return InversionResult(token, tokens, superclass, emb.weight[ids].detach().float().cpu().clone(), losses,
-                           asdict(config), log)
+    return InversionResult(token, tokens, superclass, rows.detach().float().cpu().clone(), losses, asdict(config), log)
 
+
+def _plain(x):
+    """JSON fallback for values a loss logs (numpy/torch scalars)."""
+    return x.item() if hasattr(x, "item") else str(x)
 
 
 def invert_or_load(pipe, concept, config: InversionConfig, folder: str | Path, recompute: bool = False,

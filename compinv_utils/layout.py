@@ -9,8 +9,9 @@ Records (JSON lines, one per image where *both* nouns were found)::
     {"prompt": "a cat and a kite", "a": "cat", "b": "kite", "template": "{a} and {b}", "seed": 3,
      "box_a": [x0, y0, x1, y1], "box_b": [...], "score_a": 0.98, "score_b": 0.91}
 
-Generation is resumable: a ``<file>.done`` file lists every job tried (found or not), and a
-partial last line from an interrupted write is dropped on resume. It shards over processes with
+Generation is resumable: a ``<file>.done`` file lists every job tried (found or not). Both files are
+rewritten atomically after each batch; a partial last line (from older, appending versions) is dropped
+on resume. It shards over processes with
 ``accelerate`` (``torchrun --nproc_per_node N``): each process writes its own part, and the main
 process merges them.
 """
@@ -102,11 +103,8 @@ def layout_jobs(nouns: Sequence[str], seeds: int, templates: Sequence[str] = LAY
     return jobs
 
 
-def read_records(path: str | Path) -> list[dict]:
-    """Read a JSONL file, dropping a partial last line and any corrupt line (with a warning)."""
-    path = Path(path)
-    if not path.exists():
-        return []
+def _read_lines(path: Path) -> tuple[list[dict], int]:
+    """Records of a JSONL file and the number of corrupt or partial lines dropped."""
     good, bad = [], 0
     for line in path.read_text().splitlines():
         if not line.strip():
@@ -118,6 +116,15 @@ def read_records(path: str | Path) -> list[dict]:
             good.append(rec)
         except (json.JSONDecodeError, KeyError, ValueError, TypeError):
             bad += 1
+    return good, bad
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """Read a JSONL file, dropping a partial last line and any corrupt line (with a warning)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    good, bad = _read_lines(path)
     if bad:
         import warnings
 
@@ -126,9 +133,9 @@ def read_records(path: str | Path) -> list[dict]:
 
 
 def _write_records(path: Path, records: list[dict]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, path)
+    from .files import write_text
+
+    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def _sorted(records: list[dict]) -> list[dict]:
@@ -137,36 +144,67 @@ def _sorted(records: list[dict]) -> list[dict]:
 
 def generate_records(world, jobs: Sequence[Job], path: str | Path, batch_size: int = 32, threshold: float = 0.5,
                      progress: bool = True) -> list[dict]:
-    """Generate and detect ``jobs`` (skipping those listed in ``<path>.done``), appending kept records to
-    ``path``. Returns every record in the file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    done_path = path.with_suffix(path.suffix + ".done")
-    records = read_records(path)
-    _write_records(path, records)  # rewrite without partial or corrupt lines
-    done = set(done_path.read_text().splitlines()) if done_path.exists() else set()
-    done |= {Job(r["a"], r["b"], r["template"], r["seed"]).key for r in records}
-    todo = [j for j in jobs if j.key not in done]
+    """Generate and detect ``jobs`` (skipping those listed in ``<path>.done``), adding kept records to
+    ``path``. Returns every record in the file.
+
+    After each batch the records file and the ``.done`` file are rewritten atomically (temporary file,
+    then ``os.replace``), so an interruption never truncates them. A ``.done`` file whose records file
+    is gone is ignored (with a warning) and everything is generated again; a file none of whose lines
+    is a record is refused rather than overwritten.
+    """
+    from .files import write_text
+
+    if isinstance(jobs, Job):
+        raise TypeError("jobs must be a list of Job; wrap a single job in a list")
+    jobs = list(jobs)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold is a detection score and must be in [0, 1], got {threshold}")
     for j in jobs:
         world.check_nouns([j.a, j.b])
-    with path.open("a") as out, done_path.open("a") as log:
-        for i in tqdm(range(0, len(todo), batch_size), desc="layout data", disable=not progress):
-            chunk = todo[i:i + batch_size]
-            images = world.generate([j.prompt() for j in chunk], seeds=[j.seed for j in chunk], batch_size=batch_size)
-            for j, dets in zip(chunk, world.detect(images, threshold)):
-                best = {}
-                for label, box, score in dets:
-                    if label in (j.a, j.b) and score > best.get(label, (None, -1))[1]:
-                        best[label] = (box, score)
-                if j.a in best and j.b in best:
-                    rec = {"prompt": j.prompt(), "a": j.a, "b": j.b, "template": j.template, "seed": j.seed,
-                           "box_a": [round(v, 5) for v in best[j.a][0]], "box_b": [round(v, 5) for v in best[j.b][0]],
-                           "score_a": round(best[j.a][1], 4), "score_b": round(best[j.b][1], 4)}
-                    out.write(json.dumps(rec) + "\n")
-                    records.append(rec)
-            out.flush()
-            log.write("".join(j.key + "\n" for j in chunk))
-            log.flush()
+    path = Path(path)
+    done_path = path.with_suffix(path.suffix + ".done")
+    done_lines = done_path.read_text().splitlines() if done_path.exists() else []
+    if path.exists():
+        records, bad = _read_lines(path)
+        if bad and not records and bad > 1:
+            raise ValueError(f"{path} holds {bad} lines and none is a layout record; it is not a records file: "
+                             "move it away or pass another path")
+        if bad:
+            import warnings
+
+            warnings.warn(f"{path}: skipped {bad} corrupt or partial line(s); {len(records)} records kept")
+    else:
+        records, bad = [], 0
+        if done_lines:
+            import warnings
+
+            warnings.warn(f"{path} is missing but {done_path} lists {len(done_lines)} tried jobs: "
+                          "generating them again")
+            done_lines = []
+    done = set(done_lines) | {Job(r["a"], r["b"], r["template"], r["seed"]).key for r in records}
+    todo = [j for j in jobs if j.key not in done]
+    if not todo:
+        return records
+    if bad:
+        _write_records(path, records)  # without the partial or corrupt lines
+    for i in tqdm(range(0, len(todo), batch_size), desc="layout data", disable=not progress):
+        chunk = todo[i:i + batch_size]
+        images = world.generate([j.prompt() for j in chunk], seeds=[j.seed for j in chunk], batch_size=batch_size)
+        for j, dets in zip(chunk, world.detect(images, threshold)):
+            best = {}
+            for label, box, score in dets:
+                if label in (j.a, j.b) and score > best.get(label, (None, -1))[1]:
+                    best[label] = (box, score)
+            if j.a in best and j.b in best:
+                records.append({"prompt": j.prompt(), "a": j.a, "b": j.b, "template": j.template, "seed": j.seed,
+                                "box_a": [round(v, 5) for v in best[j.a][0]],
+                                "box_b": [round(v, 5) for v in best[j.b][0]],
+                                "score_a": round(best[j.a][1], 4), "score_b": round(best[j.b][1], 4)})
+        _write_records(path, records)  # records first: a job kept but not yet marked done is skipped anyway
+        done_lines += [j.key for j in chunk]
+        write_text(done_path, "".join(k + "\n" for k in done_lines))
     return records
 
 
@@ -285,13 +323,20 @@ def mean_iou(pred: Sequence[tuple[Box, Box]], records: Sequence[dict]) -> float:
 
 def save_layout_mlp(model: LayoutMLP, path: str | Path, features: str) -> None:
     """Save the MLP with the name of the features it was trained on ("input embedding" / "encoder output")."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "dim": model.dim, "features": features, "nouns": model.nouns}, path)
+    from .files import torch_save
+
+    torch_save({"state_dict": model.state_dict(), "dim": model.dim, "features": features, "nouns": model.nouns}, path)
 
 
 def load_layout_mlp(path: str | Path) -> tuple[LayoutMLP, str]:
-    """Load a saved MLP; returns it and the name of its features."""
-    blob = torch.load(path, weights_only=False)
+    """Load a saved MLP (tensors and plain values only: ``weights_only=True``); returns it and the name of
+    its features."""
+    from .files import torch_load
+
+    fix = "save it again with save_layout_mlp (chapter 04)"
+    blob = torch_load(path, "layout MLP file", fix)
+    if not isinstance(blob, dict) or not {"state_dict", "dim", "features", "nouns"} <= set(blob):
+        raise ValueError(f"layout MLP file {path} lacks state_dict/dim/features/nouns; {fix}")
     model = LayoutMLP(blob["dim"])
     model.register_buffer("features", torch.zeros(len(blob["nouns"]), blob["dim"]))
     model.load_state_dict(blob["state_dict"])

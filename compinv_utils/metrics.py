@@ -141,6 +141,7 @@ def bootstrap_ci(values, n_boot: int = 2000, level: float = 0.95, seed: int = 0)
     x = np.asarray(values, dtype=float).ravel()
     if len(x) == 0:
         raise ValueError("no values to bootstrap")
+    _check_bootstrap(n_boot, level, x)
     rng = np.random.default_rng(seed)
     means = x[rng.integers(0, len(x), (n_boot, len(x)))].mean(1)
     a = (1 - level) / 2
@@ -152,6 +153,7 @@ def bootstrap_diff_ci(a, b, n_boot: int = 2000, level: float = 0.95, seed: int =
     x, y = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
     if len(x) == 0 or len(y) == 0:
         raise ValueError("both samples need values")
+    _check_bootstrap(n_boot, level, x, y)
     rng = np.random.default_rng(seed)
     d = x[rng.integers(0, len(x), (n_boot, len(x)))].mean(1) - y[rng.integers(0, len(y), (n_boot, len(y)))].mean(1)
     q = (1 - level) / 2
@@ -219,3 +221,13 @@ def composition(world, subject: str, partners: Sequence[str], seeds: int = 4, se
     if subject_noun is not None:
         out["subject_found"] = np.array([float(found(d, subject_noun)) for d in dets])
     return out
+
+
+def _check_bootstrap(n_boot: int, level: float, *samples: np.ndarray) -> None:
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise ValueError(f"n_boot must be an integer >= 1, got {n_boot!r}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), e.g. 0.95, got {level}")
+    for x in samples:
+        if not np.isfinite(x).all():
+            raise ValueError(f"{int((~np.isfinite(x)).sum())} value(s) are NaN or infinite; drop or fix them first")

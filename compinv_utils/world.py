@@ -8,6 +8,7 @@ Both return a :class:`World`; helpers take a world and never ask which one it is
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -154,11 +155,21 @@ class World:
         Image ``i`` uses seed ``seed + i``, or ``seeds[i]`` when given. Extra kwargs go to the pipeline call.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("no prompts given: pass a prompt or a non-empty list of prompts")
         seeds = list(range(seed, seed + len(prompts))) if seeds is None else list(seeds)
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         kwargs.setdefault("num_inference_steps", self.num_inference_steps)
         kwargs.setdefault("guidance_scale", self.guidance_scale)
+        steps, scale = kwargs["num_inference_steps"], kwargs["guidance_scale"]
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1 (an integer), got {steps!r} (the world's default is "
+                             f"{self.num_inference_steps})")
+        if not math.isfinite(scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {scale}")
         dev = "cpu" if self.device.type == "mps" else self.device
         images = []
         for i in range(0, len(prompts), batch_size):
@@ -255,6 +266,16 @@ def _toy_detector(det, device):
     return detect
 
 
+def _load_part(cls, folder: Path, **kwargs):
+    """``cls.from_pretrained(folder)`` with an error that names the folder when its files are unreadable."""
+    try:
+        return cls.from_pretrained(folder, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - each library raises its own error type for a bad file
+        raise RuntimeError(f"cannot load the toy world's weights in {folder}: a file there is missing, truncated or "
+                           f"corrupt ({type(exc).__name__}: {str(exc)[:200]}). Re-download the repository's data/toy "
+                           "(git checkout -- data/toy) or rebuild it with `make toy-world`") from exc
+
+
 def load_toy_world(root: str | Path | None = None, device: str | torch.device | None = None) -> World:
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
@@ -270,10 +291,10 @@ def load_toy_world(root: str | Path | None = None, device: str | torch.device | 
     if device is not None:
         dev = torch.device(device)
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(root / "pipeline", dtype=dtype).to(dev)
+    pipe = _load_part(StableDiffusionPipeline, root / "pipeline", dtype=dtype).to(dev)
     pipe.set_progress_bar_config(disable=True)
-    clip = CLIPModel.from_pretrained(root / "clip", dtype=dtype).to(dev).eval()
-    det = ToyDetector.from_pretrained(root / "detector").to(dev).eval()
+    clip = _load_part(CLIPModel, root / "clip", dtype=dtype).to(dev).eval()
+    det = _load_part(ToyDetector, root / "detector").to(dev).eval()
     coi = []
     for c in render.CONCEPTS:
         drawn = [render.draw_scene(s) for s in render.concept_scenes(c)]

@@ -61,16 +61,20 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(world, tmp_path):
     class Stop(Exception):
         pass
 
-    def stop_after_three(rec, emb, step):
-        if step == 3:
+    crash = {"at": 3}
+
+    def rec_only(rec, emb, step):  # the same loss as the full run; "crashes" at step 3 the first time
+        if step == crash["at"]:
             raise Stop
         return rec
 
     with pytest.raises(Stop):
-        invert(world.pipe, c.photos, "<t4>", c.superclass, half, loss_fn=stop_after_three, checkpoint_dir=tmp_path,
+        invert(world.pipe, c.photos, "<t4>", c.superclass, half, loss_fn=rec_only, checkpoint_dir=tmp_path,
                progress=False)
-    unload(world.pipe, "<t4>")
-    resumed = invert(world.pipe, c.photos, "<t4>", c.superclass, half, checkpoint_dir=tmp_path, progress=False)
+    assert "<t4>" not in world.pipe.tokenizer.get_vocab()  # a failed run leaves no placeholder behind
+    crash["at"] = None
+    resumed = invert(world.pipe, c.photos, "<t4>", c.superclass, half, loss_fn=rec_only, checkpoint_dir=tmp_path,
+                     progress=False)
     assert torch.allclose(resumed.embeddings, full.embeddings, atol=1e-6)
     assert resumed.losses == pytest.approx(full.losses, abs=1e-6)
 
@@ -95,3 +99,22 @@ def test_mixed_photo_sizes_and_modes_are_handled(world):
     assert all(isinstance(p, Image.Image) for p in photos)
     res = invert(world.pipe, photos, "<t6>", c.superclass, FAST, progress=False)
     assert torch.isfinite(res.embeddings).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_inversion_in_half_precision_trains_float32_rows(toy_world, dtype):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(toy_world.extras["root"] / "pipeline", dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    c = toy_world.concepts_of_interest[0]
+    table = pipe.text_encoder.get_input_embeddings().weight
+    init = table[pipe.tokenizer.convert_tokens_to_ids(c.superclass + "</w>")].detach().float().clone()
+    seen = []
+    res = invert(pipe, c.photos, "<h1>", c.superclass, InversionConfig(steps=3, batch_size=2),
+                 loss_fn=lambda rec, e, step: seen.append(e.dtype) or rec, progress=False)
+    table = pipe.text_encoder.get_input_embeddings().weight
+    assert table.dtype == dtype and seen == [torch.float32] * 3
+    assert torch.isfinite(res.embeddings).all() and not torch.equal(res.embeddings[0], init)
+    assert torch.equal(table[pipe.tokenizer.convert_tokens_to_ids("<h1>")].float(), res.embeddings[0])
+    assert not pipe.text_encoder.get_input_embeddings()._forward_hooks  # the hook is gone

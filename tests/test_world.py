@@ -2,6 +2,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from compinv_utils import load_photos, load_world
@@ -88,3 +89,13 @@ def test_photo_folders(tmp_path):
     (coi,) = sd15_concepts(tmp_path / "concepts", size=64)
     assert (coi.name, coi.token, coi.superclass) == ("dog6", "<dog6>", "dog")
     assert all(p.size == (64, 64) and p.mode == "RGB" for p in coi.photos)
+
+
+def test_the_pipeline_folder_loads_with_a_plain_from_pretrained(toy_world):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(toy_world.extras["root"] / "pipeline")  # no dtype given
+    assert pipe.text_encoder.dtype == pipe.unet.dtype == pipe.vae.dtype
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..files import write_text
 from ..layout import box_iou
 from ..metrics import found, image_alignment
 from . import render
@@ -172,8 +173,7 @@ def main(argv=None):
         res[name] = fn(world)
         res[name]["eval_s"] = round(time.perf_counter() - t, 1)
         print(name, json.dumps({k: v for k, v in res[name].items() if k not in ("per_class", "per_noun")}))
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=2)
+    write_text(args.out, json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..files import write_text
 from . import render
 from .models import IMAGE_SIZE, ToyDetector, make_clip, make_sample_scheduler, make_train_scheduler, make_unet, make_vae
 from .tokenizer import build_tokenizer
@@ -278,10 +279,21 @@ def train_unet(data, tokenizer, text_encoder, cfg: TrainConfig, device, log, ckp
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.unet_checkpoint_every == 0 and step + 1 < cfg.unet_steps:
-            ema.save_pretrained(ckpt_dir / "unet_ema_partial")
-            (ckpt_dir / "unet_ema_partial" / "step.txt").write_text(str(step + 1))
+            _save_partial(ema, ckpt_dir / "unet_ema_partial", step + 1)
     log["unet_final_loss"] = loss.item()
     return ema
+
+
+def _save_partial(model, folder: Path, step: int) -> None:
+    """Save ``model`` and its step into ``folder`` through a complete temporary copy beside it."""
+    import shutil
+
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    (tmp / "step.txt").write_text(str(step))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
 
 
 def train_detector(data, cfg: TrainConfig, device, log):
@@ -393,13 +405,17 @@ def build_world(out: Path, cfg: TrainConfig, device: torch.device, workers: int,
                                    unet=_half_copy(unet), scheduler=make_sample_scheduler(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out / "pipeline")
+    # The weights are stored in float16 (small), but transformers loads a model in its config's dtype while
+    # diffusers loads float32: say float32 so that a plain from_pretrained gives one dtype throughout.
+    te_config = out / "pipeline" / "text_encoder" / "config.json"
+    write_text(te_config, json.dumps(json.loads(te_config.read_text()) | {"dtype": "float32"}, indent=2) + "\n")
     for leftover in ("unet_ema_partial", "vae_stage"):
         if (out / leftover).exists():
             shutil.rmtree(out / leftover)
     log["total_s"] = round(time.time() - t0, 1)
     log_path = out / "training_log.json"
     runs = json.loads(log_path.read_text()) if log_path.exists() else []
-    log_path.write_text(json.dumps(runs + [log], indent=2))
+    write_text(log_path, json.dumps(runs + [log], indent=2))
     return log
 
 
