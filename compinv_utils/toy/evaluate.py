@@ -4,22 +4,38 @@
 
 Held-out material only: rendered scenes with seeds from 10,000,000 on (training used 0..n-1) and
 noun pairs that never appear together in training (``render.HELD_OUT_PAIRS``).
+
+Besides the quality bars, three parts measure the prerequisites the paper's argument needs:
+word-specific cross-attention (``attention``), a concept's look on the object (``look``) and an
+FID-style sample quality on toy CLIP features (``quality``). ``--skip`` leaves parts out and merges
+the rest into the existing file, e.g. only the new parts:
+
+    python -m compinv_utils.toy.evaluate --skip detector clip generation speed inversion
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
 import time
+from pathlib import Path
+from typing import Sequence
+
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..files import write_text
-from ..layout import box_iou
-from ..metrics import found, image_alignment
+from ..guidance import GuidanceConfig, guided_generate
+from ..layout import box_iou, box_to_mask
+from ..metrics import found, image_alignment, object_alignment, pair_prompt
+from ..world import best_box, crop
 from . import render
 
 EVAL_SEED = 10_000_000
@@ -153,26 +169,382 @@ def eval_inversion(world, n: int = 8, folder: str | os.PathLike | None = None) -
             "all_above_superclass": all(r["with_token"] > r["superclass"] for r in out.values())}
 
 
+# ---------------------------------------------------------------------------------------------
+# The prerequisites of the paper's argument, measured directly
+# ---------------------------------------------------------------------------------------------
+
+FULL_BOX = (0.0, 0.0, 1.0, 1.0)
+
+
+def _clipped(box) -> tuple[float, float, float, float]:
+    """A detected box clipped to [0, 1] (the detector's boxes may overhang the image slightly)."""
+    x0, y0, x1, y1 = (min(1.0, max(0.0, float(v))) for v in box)
+    return x0, y0, max(x1, x0 + 1e-3), max(y1, y0 + 1e-3)
+
+
+def training_pairs(world, n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """``n`` pairs of the world's nouns that training shows together (never a held-out pair), drawn
+    without replacement (with replacement only when more are asked for than exist), each in a random
+    order; deterministic in ``seed``."""
+    held = {tuple(sorted(p)) for p in world.held_out_pairs}
+    pairs = [p for p in itertools.combinations(world.concepts, 2) if tuple(sorted(p)) not in held]
+    rng = np.random.default_rng(seed)
+    idx = sorted(rng.choice(len(pairs), n, replace=n > len(pairs)))
+    return [pairs[i] if rng.random() < 0.5 else pairs[i][::-1] for i in idx]
+
+
+def box_share(attn: torch.Tensor, mask: torch.Tensor) -> float:
+    """Fraction of a word's attention mass ``attn`` ``(h, w)`` inside a 0/1 box ``mask`` ``(h, w)``."""
+    return float((attn * mask).sum() / attn.sum().clamp(min=1e-12))
+
+
+def map_iou(attn: torch.Tensor, mask: torch.Tensor, threshold: float = 0.4) -> float:
+    """DAAM-style IoU: the map ``(h, w)`` binarised at ``threshold`` x its maximum, against a 0/1 ``mask``."""
+    binary = attn >= threshold * attn.max()
+    m = mask > 0.5
+    return float((binary & m).sum() / (binary | m).sum().clamp(min=1))
+
+
+def centred_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine similarity of two maps after subtracting each one's mean (Pearson correlation); in [-1, 1]."""
+    a, b = a.flatten().double(), b.flatten().double()
+    a, b = a - a.mean(), b - b.mean()
+    return float((a @ b) / (a.norm() * b.norm()).clamp(min=1e-12))
+
+
+def eval_attention_localisation(world, n_pairs: int = 24, seed: int = 0, threshold: float = 0.4,
+                                batch_size: int = 8) -> dict:
+    """Word-specific cross-attention: do a noun's maps fall on its own object?
+
+    Generates "a A and a B" for ``n_pairs`` pairs of nouns that training shows together (plain
+    sampling; per word, its conditional cross-attention averaged over all denoising steps at the
+    guidance resolution) and detects both nouns. On images where both are found, per noun: the share
+    of its attention mass inside its own detected box and inside the partner's box, and the DAAM-style
+    IoU of its map (binarised at ``threshold`` x max) with its own box; per image, the centred cosine
+    between the two nouns' maps. ``uniform_own_share``: the own share that attention spread evenly would
+    give (the box's area fraction), the chance level of ``own_share``.
+    """
+    pairs = training_pairs(world, n_pairs, seed)
+    out = guided_generate(world, [pair_prompt(a, b) for a, b in pairs], [list(p) for p in pairs],
+                          [FULL_BOX, FULL_BOX], seed=seed, config=GuidanceConfig(guided_steps=0),
+                          batch_size=batch_size, record=True)
+    h, w = out.maps.shape[-2:]
+    own, partner, iou, uniform, cosine, position = [], [], [], [], [], []
+    for k, ((a, b), d) in enumerate(zip(pairs, world.detect(out.images))):
+        boxes = [best_box(d, a), best_box(d, b)]
+        if None in boxes:
+            continue
+        masks = [box_to_mask(_clipped(bx), h, w) for bx in boxes]
+        for i in range(2):
+            m = out.maps[k, i].float()
+            own.append(box_share(m, masks[i]))
+            partner.append(box_share(m, masks[1 - i]))
+            iou.append(map_iou(m, masks[i], threshold))
+            uniform.append(float(masks[i].mean()))
+            position.append(i)
+        cosine.append(centred_cosine(out.maps[k, 0], out.maps[k, 1]))
+    n = len(cosine)
+    res = {"pairs": n_pairs, "n": n, "both_detected": n / n_pairs, "map_resolution": [int(h), int(w)],
+           "iou_threshold": threshold, "steps": world.num_inference_steps}
+    if n == 0:
+        return res | {"note": "no image had both nouns detected; no attention measure"}
+    own_a, partner_a, position = np.array(own), np.array(partner), np.array(position)
+    res |= {"own_share": float(own_a.mean()), "partner_share": float(partner_a.mean()),
+            "own_minus_partner": float((own_a - partner_a).mean()), "uniform_own_share": float(np.mean(uniform)),
+            "iou": float(np.mean(iou)), "cosine": float(np.mean(cosine))}
+    res["by_position"] = {name: {"own_share": float(own_a[position == i].mean()),
+                                 "partner_share": float(partner_a[position == i].mean())}
+                          for i, name in enumerate(("first_noun", "second_noun"))}
+    return res
+
+
+# -- attribute probe ------------------------------------------------------------------------------
+
+PROBE_SIZE = 16  # object crops are resized to PROBE_SIZE x PROBE_SIZE pixels for the probe
+
+
+class AttributeProbe(nn.Module):
+    """A small CNN on an object crop ``(B, 3, PROBE_SIZE, PROBE_SIZE)`` in [-1, 1]: which palette colours
+    are on the object (one logit per colour of ``render.COLOURS``: its colour and, when patterned, its
+    second colour) and its pattern (one logit per ``render.PATTERNS``)."""
+
+    def __init__(self, channels: int = 32):
+        super().__init__()
+        c, self.n_colours = channels, len(render.COLOURS)
+        self.net = nn.Sequential(
+            nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
+            nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c, 2 * c, 3, padding=1), nn.BatchNorm2d(2 * c), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(2 * c * (PROBE_SIZE // 4) ** 2, 128), nn.ReLU(),
+            nn.Linear(128, self.n_colours + len(render.PATTERNS)))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.net(x)
+        return out[:, :self.n_colours], out[:, self.n_colours:]
+
+    @torch.no_grad()
+    def read(self, crops: Sequence[Image.Image]) -> tuple[list[set[str]], list[str]]:
+        """Per crop: the set of colours the probe sees on the object (logit > 0; at least the most likely
+        one) and the most likely pattern."""
+        if not crops:
+            return [], []
+        was = self.training
+        self.eval()
+        colours, patterns = self(crop_pixels(crops))
+        self.train(was)
+        names = list(render.COLOURS)
+        sets = [{names[j] for j in np.nonzero(row > 0)[0]} or {names[int(row.argmax())]} for row in colours.numpy()]
+        return sets, [render.PATTERNS[j] for j in patterns.argmax(1).tolist()]
+
+
+def crop_pixels(crops: Sequence[Image.Image]) -> torch.Tensor:
+    """Object crops as the probe's input ``(N, 3, PROBE_SIZE, PROBE_SIZE)`` in [-1, 1]."""
+    arr = np.stack([np.asarray(c.convert("RGB").resize((PROBE_SIZE, PROBE_SIZE), Image.BILINEAR), np.float32)
+                    for c in crops])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1
+
+
+@torch.no_grad()
+def vae_roundtrip(world, images: Sequence[Image.Image], batch_size: int = 100) -> list[Image.Image]:
+    """``images`` encoded by the pipeline's VAE and decoded again (latent mean): what the decoder can show
+    of them; generated images pass through the same decoder."""
+    vae, out = world.pipe.vae, []
+    for i in range(0, len(images), batch_size):
+        x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), np.float32)).permute(2, 0, 1)
+                         for im in images[i:i + batch_size]]) / 127.5 - 1
+        z = vae.encode(x.to(world.device, vae.dtype)).latent_dist.mode()
+        out += world.pipe.image_processor.postprocess(vae.decode(z).sample, output_type="pil")
+    return out
+
+
+def _probe_targets(objs: Sequence[render.SceneObject]) -> tuple[torch.Tensor, torch.Tensor]:
+    names = list(render.COLOURS)
+    colours = torch.zeros(len(objs), len(names))
+    for k, o in enumerate(objs):
+        colours[k, names.index(o.colour)] = 1
+        if o.pattern != "plain":
+            colours[k, names.index(o.colour2)] = 1
+    return colours, torch.tensor([render.PATTERNS.index(o.pattern) for o in objs])
+
+
+def _probe_accuracy(probe: AttributeProbe, crops, objs) -> dict:
+    """Accuracy of the probe on ``crops`` of the rendered objects ``objs`` (see :func:`train_attribute_probe`)."""
+    sets, patterns = probe.read(crops)
+    truth = [{o.colour} | ({o.colour2} if o.pattern != "plain" else set()) for o in objs]
+    second = [o.colour2 in s for s, o in zip(sets, objs) if o.pattern != "plain"]
+    return {"colour": float(np.mean([o.colour in s for s, o in zip(sets, objs)])),
+            "colour2": float(np.mean(second)) if second else float("nan"),
+            "colour_set_exact": float(np.mean([s == t for s, t in zip(sets, truth)])),
+            "pattern": float(np.mean([p == o.pattern for p, o in zip(patterns, objs)])),
+            "colours_named_per_crop": float(np.mean([len(s) for s in sets]))}
+
+
+def train_attribute_probe(world, n_scenes: int = 2400, epochs: int = 12, channels: int = 32, test_frac: float = 0.2,
+                          seed: int = 0) -> tuple[AttributeProbe, dict]:
+    """Train :class:`AttributeProbe` on rendered single-object scenes, where the renderer knows each object's
+    colour, second colour and pattern. Each scene gives two training crops (ground-truth box): the
+    rendering and its VAE round trip (:func:`vae_roundtrip`), so that the probe reads decoded images as
+    generated ones are. Returns the probe and its accuracy on the held-out ``test_frac`` of the scenes,
+    on renderings (``rendered``) and on their VAE round trips (``vae_roundtrip``, what a generated object
+    can show at best): ``colour`` / ``colour2`` = the object's colour / second colour is among the colours
+    the probe sees (second colour: patterned objects only), ``colour_set_exact`` = it sees exactly the
+    object's colours, ``pattern`` = 4-way accuracy (chance 0.25)."""
+    scenes = [render.sample_scene(EVAL_SEED + 400_000 + seed * n_scenes + i, n_objects=1) for i in range(n_scenes)]
+    drawn = [render.draw_scene(s) for s in scenes]
+    images = [im for im, _ in drawn]
+    decoded = vae_roundtrip(world, images)
+    boxes = [objs[0][1] for _, objs in drawn]
+    objs = [s.objects[0] for s in scenes]
+    crops = [crop(im, b) for im, b in zip(images, boxes)]
+    crops_rt = [crop(im, b) for im, b in zip(decoded, boxes)]
+    n_test = max(1, int(round(test_frac * n_scenes)))
+    tr = slice(0, n_scenes - n_test)
+    te = slice(n_scenes - n_test, n_scenes)
+    x = torch.cat([crop_pixels(crops[tr]), crop_pixels(crops_rt[tr])])
+    colours, patterns = _probe_targets(objs[tr])
+    colours, patterns = torch.cat([colours, colours]), torch.cat([patterns, patterns])
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        probe = AttributeProbe(channels)
+        opt = torch.optim.Adam(probe.parameters(), 3e-3)
+        n, bs = len(x), 64
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * ((n + bs - 1) // bs))
+        for _ in range(epochs):
+            for idx in torch.randperm(n).split(bs):
+                xb = x[idx].flip(-1) if torch.rand(()) < 0.5 else x[idx]
+                c_logits, p_logits = probe(xb)
+                loss = F.binary_cross_entropy_with_logits(c_logits, colours[idx]) * len(render.COLOURS) + \
+                    F.cross_entropy(p_logits, patterns[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+    probe.eval()
+    acc = {"rendered": _probe_accuracy(probe, crops[te], objs[te]),
+           "vae_roundtrip": _probe_accuracy(probe, crops_rt[te], objs[te]),
+           "n_train_scenes": n_scenes - n_test, "n_test_scenes": n_test, "epochs": epochs, "crop_px": PROBE_SIZE}
+    return probe, acc
+
+
+def _look(probe: AttributeProbe, crops, spec: render.ConceptSpec) -> dict:
+    """Fractions of ``crops`` in which the probe sees the concept's colour, second colour, pattern, and all three."""
+    if not crops:
+        return {"colour": float("nan"), "colour2": float("nan"), "pattern": float("nan"), "all": float("nan"), "n": 0}
+    sets, patterns = probe.read(crops)
+    c = np.array([spec.colour in s for s in sets])
+    c2 = np.array([spec.colour2 in s for s in sets])
+    p = np.array([q == spec.pattern for q in patterns])
+    return {"colour": float(c.mean()), "colour2": float(c2.mean()), "pattern": float(p.mean()),
+            "all": float((c & c2 & p).mean()), "n": len(crops)}
+
+
+def eval_concept_look(world, inversions_root: str | os.PathLike | None = None, samples: int = 8, seed: int = 0,
+                      probe: AttributeProbe | None = None, probe_scenes: int = 2400) -> dict:
+    """A concept's look on the object itself, not on the scene it was photographed in.
+
+    For each concept of interest with a plain inversion in ``inversions_root/seed0/<name>/`` (default
+    ``data/toy/inversions/plain``): ``samples`` images of "a photo of a <token> <class>" and, as the
+    floor, of "a photo of a <class>" (same seeds); the class is detected and its box cropped.
+    (i) ``alignment``: mean CLIP cosine between the generated object crops and the photos' object crops
+    (:func:`metrics.object_alignment`), concept vs superclass. (ii) ``look``: the fraction of crops in which
+    an attribute probe (:func:`train_attribute_probe`, trained on ``probe_scenes`` renderings unless a
+    ``probe`` is given) sees the concept's colour, second colour and pattern, concept vs superclass; and,
+    as references, the same on the photos' own object crops (``photos``: a check of the probe) and on the
+    photos passed through the VAE (``photos_vae_roundtrip``: the most a generated object could show,
+    with its alignment to the photo crops).
+    """
+    from ..inversion import load_embedding, unload
+    from ..world import TOY_DIR
+
+    root = Path(inversions_root) if inversions_root is not None else TOY_DIR / "inversions" / "plain"
+    probe_acc = None
+    if probe is None:
+        probe, probe_acc = train_attribute_probe(world, n_scenes=probe_scenes, seed=seed)
+    specs = {c.name: c for c in render.CONCEPTS}
+    per, notes = {}, []
+    for coi in world.concepts_of_interest:
+        path = root / "seed0" / coi.name / "learned_embeds.safetensors"
+        if not path.is_file():
+            notes.append(f"{coi.name}: skipped, no inversion at {path}")
+            continue
+        load_embedding(world.pipe, path, coi.token)
+        try:
+            with_tok = world.generate([f"a photo of a {coi.token} {coi.superclass}"] * samples, seed=seed)
+        finally:
+            unload(world.pipe, coi.token)
+        sup = world.generate([f"a photo of {render.article(coi.superclass)}"] * samples, seed=seed)
+        photo_crops = world.photo_crops(coi)
+        row = {}
+        for name, images in (("with_token", with_tok), ("superclass", sup)):
+            dets = world.detect(images)
+            boxes = [best_box(d, coi.superclass) for d in dets]
+            crops = [crop(im, b) for im, b in zip(images, boxes) if b is not None]
+            align = object_alignment(world, images, dets, coi.superclass, photo_crops)
+            row[name] = {"detected": len(crops) / samples,
+                         "alignment": float(np.nanmean(align)) if crops else float("nan"),
+                         "look": _look(probe, crops, specs[coi.name])}
+        row["alignment_diff"] = row["with_token"]["alignment"] - row["superclass"]["alignment"]
+        row["look_all_diff"] = row["with_token"]["look"]["all"] - row["superclass"]["look"]["all"]
+        row["photos"] = {"look": _look(probe, photo_crops, specs[coi.name])}
+        drawn = [render.draw_scene(sc) for sc in render.concept_scenes(specs[coi.name])]
+        boxes = [next(b for noun, b in objs if noun == coi.superclass) for _, objs in drawn]
+        decoded = [crop(im, b) for im, b in zip(vae_roundtrip(world, [im for im, _ in drawn]), boxes)]
+        row["photos_vae_roundtrip"] = {
+            "alignment": float((world.image_features(decoded) @ world.image_features(photo_crops).T).mean()),
+            "look": _look(probe, decoded, specs[coi.name])}
+        per[coi.name] = row
+
+    def mean(get) -> float:
+        vals = [v for v in map(get, per.values()) if not np.isnan(v)]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    res = {"per_concept": per, "samples": samples, "steps": world.num_inference_steps, "inversions": str(root),
+           "probe": probe_acc if probe_acc is not None else "given"}
+    if per:
+        groups = ("with_token", "superclass", "photos", "photos_vae_roundtrip")
+        summary = {f"alignment_{g}": mean(lambda r: r[g]["alignment"]) for g in groups if g != "photos"}
+        summary["alignment_diff"] = mean(lambda r: r["alignment_diff"])
+        summary["concepts_alignment_above_superclass"] = int(sum(r["alignment_diff"] > 0 for r in per.values()))
+        summary |= {f"look_{a}_{g}": mean(lambda r: r[g]["look"][a])
+                    for g in groups for a in ("colour", "colour2", "pattern", "all")}
+        summary["concepts_look_above_superclass"] = int(sum(r["look_all_diff"] > 0 for r in per.values()))
+        res["summary"] = summary | {"concepts": len(per)}
+    if notes:
+        res["notes"] = notes
+    return res
+
+
+# -- sample quality -------------------------------------------------------------------------------
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets ``(n, D)`` and ``(m, D)``:
+    ``|mu_a - mu_b|² + tr(S_a + S_b - 2 (S_a S_b)^½)``, as FID computes it (the real part of
+    ``scipy.linalg.sqrtm``; a tiny ridge is added when the product is near singular). Never negative."""
+    from scipy import linalg
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
+        raise ValueError(f"need two feature sets (n >= 2, D) of the same D, got {a.shape} and {b.shape}")
+    mu = a.mean(0) - b.mean(0)
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(sa @ sb)
+    if not np.isfinite(covmean).all():
+        eps = np.eye(len(sa)) * 1e-6
+        covmean = linalg.sqrtm((sa + eps) @ (sb + eps))
+    d = mu @ mu + np.trace(sa) + np.trace(sb) - 2 * np.trace(np.real(covmean))
+    return float(max(d, 0.0))
+
+
+def eval_sample_quality(world, n: int = 256, seed: int = 0, batch_size: int = 32) -> dict:
+    """FID-style sample quality (toy CLIP features, not Inception): the Fréchet distance between the toy
+    CLIP's (L2-normalised) image features of ``n`` images generated from the captions of ``n`` held-out
+    rendered scenes and of a reference set of ``n`` other held-out renderings. Two references against the
+    same set: ``rendered_vs_rendered`` (the captioned scenes rendered: the distance that sampling ``n``
+    scenes alone gives, the floor) and ``vae_roundtrip_vs_rendered`` (those renderings through the VAE:
+    what the decoder alone costs). Small ``n`` biases all three upward; compare them at equal ``n``."""
+    scenes = [render.sample_scene(EVAL_SEED + 200_000 + i) for i in range(n)]
+    captions = [render.caption(s, EVAL_SEED + 200_000 + i) for i, s in enumerate(scenes)]
+    rendered = [render.draw_scene(s)[0] for s in scenes]
+    reference = [render.render_scene(seed=EVAL_SEED + 300_000 + i)[0] for i in range(n)]
+    generated = []
+    for i in tqdm(range(0, n, batch_size), desc="generate"):
+        generated += world.generate(captions[i:i + batch_size], seed=seed + i, batch_size=batch_size)
+    f_ref = world.image_features(reference).numpy()
+
+    def distance(images) -> float:
+        return frechet_distance(world.image_features(images).numpy(), f_ref)
+
+    return {"frechet_distance": distance(generated), "rendered_vs_rendered": distance(rendered),
+            "vae_roundtrip_vs_rendered": distance(vae_roundtrip(world, rendered)),
+            "n": n, "feature_dim": int(f_ref.shape[1]), "steps": world.num_inference_steps,
+            "features": "FID-style (toy CLIP image features, L2-normalised; not Inception)",
+            "prompts": "captions of held-out rendered scenes (render.caption); reference: other held-out renderings"}
+
+
 def main(argv=None):
     from ..world import load_world
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="data/toy/quality.json")
-    p.add_argument("--skip", nargs="*", default=[], help="parts to skip: detector clip generation speed inversion")
+    p.add_argument("--skip", nargs="*", default=[],
+                   help="parts to skip: detector clip generation speed inversion attention look quality")
     args = p.parse_args(argv)
     world = load_world("toy")
     old = json.loads(open(args.out).read()) if args.skip and os.path.exists(args.out) else {}
     res = old | {"hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {world.device}",
            "command": "python -m compinv_utils.toy.evaluate"}
     parts = {"detector": eval_detector, "clip": eval_clip_retrieval, "generation": eval_generation, "speed": eval_speed,
-             "inversion": eval_inversion}
+             "inversion": eval_inversion, "attention": eval_attention_localisation, "look": eval_concept_look,
+             "quality": eval_sample_quality}
     for name, fn in parts.items():
         if name in args.skip:
             continue
         t = time.perf_counter()
         res[name] = fn(world)
         res[name]["eval_s"] = round(time.perf_counter() - t, 1)
-        print(name, json.dumps({k: v for k, v in res[name].items() if k not in ("per_class", "per_noun")}))
+        shown = {k: v for k, v in res[name].items() if k not in ("per_class", "per_noun", "per_concept")}
+        print(name, json.dumps(shown))
     write_text(args.out, json.dumps(res, indent=2))
 
 

@@ -1,0 +1,127 @@
+"""The measures of the toy world's prerequisites (compinv_utils.toy.evaluate): word-specific attention,
+a concept's look on the object, FID-style sample quality. Tiny sizes; the figures themselves are
+measured by ``python -m compinv_utils.toy.evaluate``."""
+
+import numpy as np
+import pytest
+import torch
+
+from compinv_utils.inversion import save_embedding, single_token_id
+from compinv_utils.layout import box_to_mask
+from compinv_utils.toy import evaluate as E
+from compinv_utils.toy import render
+
+
+@pytest.fixture
+def fast(toy_world):
+    """The toy world with 4 denoising steps for the duration of a test."""
+    steps = toy_world.num_inference_steps
+    toy_world.num_inference_steps = 4
+    try:
+        yield toy_world
+    finally:
+        toy_world.num_inference_steps = steps
+
+
+@pytest.fixture(scope="module")
+def probe_and_accuracy(toy_world):
+    return E.train_attribute_probe(toy_world, n_scenes=400, epochs=8)
+
+
+# -- pure functions ---------------------------------------------------------------------------------
+
+
+def test_frechet_distance_is_zero_for_the_same_set_and_grows_with_a_shift():
+    x = np.random.default_rng(0).normal(size=(300, 8))
+    assert E.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
+    shift = np.zeros(8)
+    shift[0] = 0.5
+    # same covariance: the distance is the squared mean shift
+    assert E.frechet_distance(x, x + shift) == pytest.approx(0.25, rel=1e-4)
+    assert E.frechet_distance(x, x + 2 * shift) > E.frechet_distance(x, x + shift) > 0
+    assert E.frechet_distance(x, 3 * x) > 1.0  # a wider spread counts too
+    y = np.random.default_rng(1).normal(size=(300, 8))
+    assert 0 < E.frechet_distance(x, y) < E.frechet_distance(x, y + shift)
+
+
+def test_frechet_distance_of_rank_deficient_sets_is_finite_and_not_negative():
+    x = np.random.default_rng(0).normal(size=(5, 16))  # fewer samples than dimensions
+    d = E.frechet_distance(x, x[::-1])
+    assert np.isfinite(d) and d >= 0
+    with pytest.raises(ValueError, match="same D"):
+        E.frechet_distance(x, x[:, :4])
+
+
+def test_box_share_iou_and_centred_cosine_on_hand_made_maps():
+    left, right = box_to_mask((0, 0, 0.5, 1), 8), box_to_mask((0.5, 0, 1, 1), 8)
+    assert E.box_share(left, left) == pytest.approx(1.0)
+    assert E.box_share(left, right) == pytest.approx(0.0)
+    assert E.box_share(torch.ones(8, 8), left) == pytest.approx(0.5)
+    assert E.map_iou(left, left) == pytest.approx(1.0)
+    assert E.map_iou(left, right) == pytest.approx(0.0)
+    assert E.map_iou(torch.ones(8, 8), left) == pytest.approx(0.5)
+    assert E.centred_cosine(left, left) == pytest.approx(1.0)
+    assert E.centred_cosine(left, right) == pytest.approx(-1.0)
+    noise = torch.rand(8, 8, generator=torch.Generator().manual_seed(0))
+    assert -1 <= E.centred_cosine(noise, left) <= 1
+
+
+def test_training_pairs_are_deterministic_and_never_held_out(toy_world):
+    pairs = E.training_pairs(toy_world, 24, seed=0)
+    assert pairs == E.training_pairs(toy_world, 24, seed=0)
+    assert len(pairs) == 24 == len({tuple(sorted(p)) for p in pairs})
+    assert not any(render.is_held_out(a, b) for a, b in pairs)
+    assert all(a != b and a in toy_world.concepts and b in toy_world.concepts for a, b in pairs)
+
+
+# -- the measures on the toy world --------------------------------------------------------------------
+
+
+def test_attention_localisation_reports_shares_iou_and_cosine(fast):
+    res = E.eval_attention_localisation(fast, n_pairs=3, seed=0)
+    assert res["pairs"] == 3 and 0 <= res["n"] <= 3
+    if res["n"]:
+        for key in ("own_share", "partner_share", "uniform_own_share", "iou"):
+            assert 0 <= res[key] <= 1, key
+        assert -1 <= res["cosine"] <= 1
+        assert res["own_minus_partner"] == pytest.approx(res["own_share"] - res["partner_share"])
+        assert set(res["by_position"]) == {"first_noun", "second_noun"}
+
+
+def test_attribute_probe_reads_colour_well_above_chance(probe_and_accuracy):
+    _, acc = probe_and_accuracy
+    assert acc["n_test_scenes"] == 80
+    for split in ("rendered", "vae_roundtrip"):
+        for key in ("colour", "colour2", "colour_set_exact", "pattern"):
+            assert 0 <= acc[split][key] <= 1
+    # chance: the colour is among ~1.5 of 10 colours the probe names, about 0.15
+    assert acc["rendered"]["colour"] > 0.5
+
+
+def test_concept_look_skips_missing_inversions_and_unloads_the_token(fast, probe_and_accuracy, tmp_path):
+    coi = fast.concepts_of_interest[0]
+    pipe = fast.pipe
+    row = pipe.text_encoder.get_input_embeddings().weight[single_token_id(pipe.tokenizer, coi.superclass)]
+    save_embedding(tmp_path / "seed0" / coi.name, coi.token, row.detach()[None])
+    res = E.eval_concept_look(fast, tmp_path, samples=2, probe=probe_and_accuracy[0])
+    assert list(res["per_concept"]) == [coi.name]
+    assert len(res["notes"]) == len(fast.concepts_of_interest) - 1 and "skipped" in res["notes"][0]
+    assert coi.token not in pipe.tokenizer.get_vocab()
+    r = res["per_concept"][coi.name]
+    for name in ("with_token", "superclass"):
+        assert 0 <= r[name]["detected"] <= 1
+        assert np.isnan(r[name]["alignment"]) or -1 <= r[name]["alignment"] <= 1
+        look = r[name]["look"]
+        assert look["n"] <= 2
+        assert all(np.isnan(look[k]) or 0 <= look[k] <= 1 for k in ("colour", "colour2", "pattern", "all"))
+    assert r["photos"]["look"]["n"] == r["photos_vae_roundtrip"]["look"]["n"] == len(coi.photos)
+    assert -1 <= r["photos_vae_roundtrip"]["alignment"] <= 1
+    assert res["summary"]["concepts"] == 1
+
+
+def test_sample_quality_reports_a_frechet_distance(fast):
+    res = E.eval_sample_quality(fast, n=16, batch_size=16)
+    assert res["n"] == 16 and res["feature_dim"] == 128
+    for key in ("frechet_distance", "rendered_vs_rendered", "vae_roundtrip_vs_rendered"):
+        assert np.isfinite(res[key]) and res[key] >= 0
+    assert "not Inception" in res["features"]
