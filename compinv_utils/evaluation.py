@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import layout as L
+from .files import write_text
 from . import metrics as M
 from .guidance import GuidanceConfig, guided_generate
 from .inversion import load_embedding, unload
@@ -175,10 +176,7 @@ def table1(world, partners_for, inversions: dict, layouts: Layouts, inv_seeds: S
         done[key] = evaluate_group(world, setting, method, cs, partners, seeds if setting == "noun" else pair_seeds,
                                    inversions, s, layouts, guidance)
         if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"settings": settings, "groups": done}, indent=0))
-            tmp.replace(cache)
+            write_text(cache, json.dumps({"settings": settings, "groups": done}, indent=0))
     return [r for st, m, cs, s in groups for r in done[_group_key(st, m, [c.name for c in cs], s)]]
 
 

@@ -66,7 +66,8 @@ class WorldSettings:
     inversion_seeds: int = 3  # independent inversions per concept (intervals resample them)
 
 
-TOY_SETTINGS = WorldSettings(lam=0.95, partners=("kite", "car", "umbrella", "book", "fish", "hat"))
+# λ = 0.75: what the balance rule picks from the sweep of chapter 03 (which checks that it still does)
+TOY_SETTINGS = WorldSettings(lam=0.75, partners=("kite", "car", "umbrella", "book", "fish", "hat"))
 SD15_SETTINGS = WorldSettings(lam=0.95, partners=("bird", "car", "umbrella", "bench", "bicycle", "dog"),
                               detect_threshold=0.8, inversion_steps=3000)
 
