@@ -25,6 +25,7 @@ is None). The columns (:data:`METRICS`), each derived from a record by :func:`va
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -129,8 +130,9 @@ def evaluate_group(world, setting: str, method: str, concepts: Sequence, partner
         text = M.text_alignment(world, images, texts)
         img = np.mean([M.image_alignment(world, images, c.photos) for c in concepts], 0)
         obj = np.stack([M.object_alignment(world, images, dets, c.superclass, world.photo_crops(c)) for c in concepts])
-        with np.errstate(all="ignore"):
-            obj = np.where(np.isnan(obj).all(0), np.nan, np.nanmean(np.where(np.isnan(obj), np.nan, obj), 0))
+        with warnings.catch_warnings():  # an image where no concept's class was found stays NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            obj = np.nanmean(obj, 0)
     finally:
         for c in concepts:
             unload(pipe, c.token)
