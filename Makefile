@@ -1,4 +1,4 @@
-# make tutorial : set up .venv and run every notebook headless in the toy world
+# make tutorial : set up .venv and run every notebook headless in the toy world (no progress bars in the saved outputs)
 # make lab      : set up .venv and open JupyterLab on the notebooks
 # make test     : set up .venv and run the tests (helpers and notebooks)
 PYTHON ?= python3
@@ -26,7 +26,7 @@ lab: install
 tutorial: install
 	@for nb in notebooks/[0-9]*.ipynb; do \
 		echo "== $$nb"; \
-		$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1200 "$$nb" || exit 1; \
+		TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 $(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1200 "$$nb" || exit 1; \
 	done
 	$(BIN)/nbstripout --keep-output --keep-count --extra-keys 'metadata.language_info' notebooks/*.ipynb
 	@echo "All chapters ran; outputs are in notebooks/."
