@@ -79,3 +79,10 @@ def test_object_masks_cover_each_object_inside_its_box():
         assert ys.min() >= int(y0 * 8) and ys.max() < math.ceil(y1 * 8)
     full = render.object_masks(scene, size=32)
     assert full.shape == (2, 32, 32) and full.sum() > masks.sum()  # the same area, counted in more cells
+
+
+def test_concept_looks_are_recognised():
+    for spec in render.CONCEPTS:
+        assert all(render.has_concept_look(s) for s in render.concept_scenes(spec))
+    plain = render.sample_scene(0, ["cat"], objects=({"colour": "red", "pattern": "plain"},))
+    assert not render.has_concept_look(plain)

@@ -431,6 +431,13 @@ def concept_scenes(spec: ConceptSpec) -> list[Scene]:
     return scenes
 
 
+def has_concept_look(scene: Scene) -> bool:
+    """True when an object of ``scene`` looks like a concept of interest (its base noun, both colours and
+    pattern): such a scene must stay out of every training set, or the concept would not be novel."""
+    looks = {(c.base, c.colour, c.colour2, c.pattern) for c in CONCEPTS}
+    return any((o.noun, o.colour, o.colour2, o.pattern) in looks for o in scene.objects)
+
+
 def concept_photos(spec: ConceptSpec, size: int = 32) -> list[Image.Image]:
     """Render a concept's user photos."""
     return [draw_scene(s, size)[0] for s in concept_scenes(spec)]
@@ -445,5 +452,5 @@ def with_look(scene: Scene, **look) -> Scene:
 __all__ = [
     "BACKGROUNDS", "COLOURS", "CONCEPTS", "FULL", "HELD_OUT_PAIRS", "NOUNS", "NOUNS_ONLY", "PATTERNS",
     "CaptionPolicy", "ConceptSpec", "Scene", "SceneObject", "caption", "caption_words", "check_nouns",
-    "concept_photos", "concept_scenes", "draw_scene", "is_held_out", "object_masks", "render_scene", "sample_scene",
+    "concept_photos", "concept_scenes", "draw_scene", "has_concept_look", "is_held_out", "object_masks", "render_scene", "sample_scene",
 ]
