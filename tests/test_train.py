@@ -133,3 +133,13 @@ def test_two_grounded_unet_steps_are_finite_and_resume_continues_at_the_checkpoi
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="another configuration"):
         train.train_unet(data, tokenizer, text_encoder, replace(CFG, unet_lr=1e-3), device, {}, tmp_path, resume=True)
+
+
+def test_profiles_and_resume_needs_the_unet_stage_alone():
+    assert {"cpu-full", "gpu", "smoke", "full"} <= set(train.PROFILES)
+    cpu = train.PROFILES["cpu-full"]
+    minutes = (cpu.vae_steps * 0.75 * cpu.vae_batch / 64 + cpu.unet_steps * 0.56 * cpu.unet_batch / 64) / 60
+    assert minutes < 100  # the two stages whose per-step cost is known leave room for the rest in 2 hours
+    assert all(p.ground_weight == 0 for p in train.PROFILES.values())  # grounding is opt-in
+    with pytest.raises(SystemExit):
+        train.main(["--resume", "--out", "/nonexistent"])

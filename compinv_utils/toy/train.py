@@ -2,10 +2,33 @@
 
     python -m compinv_utils.toy.train --out data/toy            # the committed world
     python -m compinv_utils.toy.train --out /tmp/w --profile smoke   # a 1-minute check of the code path
+    python -m compinv_utils.toy.train --out /tmp/w --profile cpu-full  # the whole world on a 2-core CPU
+    python -m compinv_utils.toy.train --out /tmp/w --profile gpu       # the whole world on one GPU
 
 Stages: tokenizer, rendered data set, VAE, CLIP (saved), detector (saved), UNet (its EMA saved
-every 1,000 steps while it trains), and the assembled ``StableDiffusionPipeline``. Every random choice is seeded, so a rerun on the same device and
-library versions rebuilds the same weights.
+every ``unet_checkpoint_every`` steps while it trains), and the assembled ``StableDiffusionPipeline``. Every
+random choice is seeded, so a rerun on the same device and library versions rebuilds the same weights.
+
+The data set is rendered once into arrays — images, boxes, per-object masks on the 8x8 latent grid, and
+``captions_per_scene`` captions per scene already tokenised, with the object each noun token names — and
+cached in ``--cache-dir`` under a key of the configuration, so a resumed or later run does not render
+again. Latents are encoded once after the VAE stage. The UNet stage draws batches with torch indices into
+these tensors only, so it is bound by the model; it saves its full state (weights, EMA, optimiser,
+generator) with each checkpoint, and ``--stages unet --resume`` continues from the last one after an
+interruption. ``--ground-weight`` (and ``--ground-pixel-weight``) add a token-level grounding loss on noun
+tokens' cross-attention (TokenCompose, Wang et al., CVPR 2024); off by default. Scenes in which an object
+has the look of a concept of interest are redrawn, so no concept is ever seen in training.
+
+Profiles (the times are estimates from measured per-step costs, not measurements of the runs):
+
+- ``cpu-full`` — a 2-core CPU in about 90–110 minutes: render 30,000 scenes (~2 min), VAE 1,500 steps of
+  batch 64 at ~0.75 s (~19 min), CLIP 1,200 steps of batch 128 (~14 min), detector 1,500 steps of batch 64
+  (~2 min), UNet 7,000 steps of batch 64 at 0.44–0.56 s (52–65 min; the grounding loss adds at most ~10 %, ~115 min in all).
+- ``gpu`` — one recent GPU (an H200-class card) in about 25–35 minutes: 100,000 scenes (~1 min with 16
+  render workers), the ``full`` VAE/CLIP/detector stages (~5 min), UNet 30,000 steps of batch 256, at an
+  expected 20–30 steps/s (17–25 min) now that the loop no longer waits on caption sampling (the first
+  edition managed ~7); not yet run on a GPU.
+- ``full`` — the committed world's sizes; ``cpu-unet`` continues a UNet on a CPU; ``smoke`` checks the code path.
 """
 
 from __future__ import annotations
@@ -70,6 +93,13 @@ PROFILES = {
     # Continue the UNet stage on a CPU from a checkpoint (--stages unet --init-unet DIR).
     "cpu-unet": TrainConfig(n_scenes=30_000, unet_steps=1_800, unet_batch=64, unet_lr=2e-4, unet_warmup=50,
                             ema_decay=0.998, unet_checkpoint_every=200),
+    # A whole world on a 2-core CPU in under 2 hours (see the module docstring for the estimate).
+    "cpu-full": TrainConfig(n_scenes=30_000, vae_steps=1_500, vae_batch=64, clip_steps=1_200, clip_batch=128,
+                            unet_steps=7_000, unet_batch=64, unet_lr=2e-4, unet_warmup=300, ema_decay=0.999,
+                            unet_checkpoint_every=500, det_steps=1_500, det_batch=64),
+    # A whole world on one GPU: more scenes and three times the UNet steps of "full" (see the module docstring).
+    "gpu": TrainConfig(n_scenes=100_000, unet_steps=30_000, unet_warmup=1_000, ema_decay=0.9995,
+                       unet_checkpoint_every=2_000),
     "smoke": TrainConfig(n_scenes=512, vae_steps=4, vae_batch=16, clip_steps=4, clip_batch=16, unet_steps=4,
                          unet_batch=16, det_steps=4, det_batch=16),
 }
@@ -629,6 +659,8 @@ def main(argv=None):
     unknown = [x for x in stages if x not in STAGES]
     if unknown:
         p.error(f"unknown stage(s) {unknown}; the stages are {', '.join(STAGES)}")
+    if args.resume and "vae" in stages:
+        p.error("--resume continues the UNet stage on the latents of the VAE already trained: use --stages unet")
     log = build_world(Path(args.out), cfg, device, args.workers, stages, Path(args.init_unet) if args.init_unet else None,
                       None if args.no_cache else Path(args.cache_dir).expanduser(), args.resume)
     print(json.dumps(log, indent=2))
