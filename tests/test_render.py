@@ -1,3 +1,4 @@
+import math
 import numpy as np
 import pytest
 
@@ -64,3 +65,24 @@ def test_concepts_of_interest_share_their_background_and_look():
             obj = s.objects[0]
             assert (obj.noun, obj.colour, obj.colour2, obj.pattern) == (spec.base, spec.colour, spec.colour2, spec.pattern)
         assert sum(len(s.objects) == 2 for s in scenes) >= spec.n_photos - 1  # the companion is usually there
+
+
+def test_object_masks_cover_each_object_inside_its_box():
+    scene = render.sample_scene(11, ["barn", "kite"])
+    _, boxes = render.draw_scene(scene)
+    masks = render.object_masks(scene, size=8)
+    assert masks.shape == (2, 8, 8) and masks.dtype == np.float32
+    for m, (_, (x0, y0, x1, y1)) in zip(masks, boxes):
+        assert 0 <= m.min() and m.max() <= 1 and m.sum() > 0.5
+        ys, xs = np.nonzero(m)
+        assert xs.min() >= int(x0 * 8) and xs.max() < math.ceil(x1 * 8)
+        assert ys.min() >= int(y0 * 8) and ys.max() < math.ceil(y1 * 8)
+    full = render.object_masks(scene, size=32)
+    assert full.shape == (2, 32, 32) and full.sum() > masks.sum()  # the same area, counted in more cells
+
+
+def test_concept_looks_are_recognised():
+    for spec in render.CONCEPTS:
+        assert all(render.has_concept_look(s) for s in render.concept_scenes(spec))
+    plain = render.sample_scene(0, ["cat"], objects=({"colour": "red", "pattern": "plain"},))
+    assert not render.has_concept_look(plain)

@@ -299,6 +299,29 @@ def draw_scene(scene: Scene, size: int = 32) -> tuple[Image.Image, list[tuple[st
     return out, boxes
 
 
+def object_masks(scene: Scene, size: int = 8, image_size: int = 32) -> np.ndarray:
+    """The visible part of each object at ``size`` x ``size`` (e.g. the 8x8 latent grid): ``(n_objects, size,
+    size)`` float32 coverage in [0, 1], from the same body polygons :func:`draw_scene` fills (a later object
+    hides an earlier one where they overlap)."""
+    n = image_size * SUPERSAMPLE
+    if n % size:
+        raise ValueError(f"size {size} must divide the supersampled image size {n}")
+    silhouettes = []
+    for obj in scene.objects:
+        fwd, _, _ = _transform(obj, n)
+        body = Image.new("L", (n, n))
+        d = ImageDraw.Draw(body)
+        for poly in NOUNS[obj.noun].body:
+            d.polygon(fwd(poly), fill=255)
+        silhouettes.append(np.asarray(body) > 127)
+    out = np.zeros((len(silhouettes), size, size), np.float32)
+    f = n // size
+    for i, sil in enumerate(silhouettes):
+        visible = sil & ~np.any(silhouettes[i + 1:], axis=0) if i + 1 < len(silhouettes) else sil
+        out[i] = visible.reshape(size, f, size, f).mean((1, 3))
+    return out
+
+
 def render_scene(nouns=None, seed: int = 0, size: int = 32, **kwargs):
     """Sample and draw a scene: ``(image, [(noun, box)])``; see :func:`sample_scene` for kwargs."""
     return draw_scene(sample_scene(seed, nouns, **kwargs), size)
@@ -408,6 +431,13 @@ def concept_scenes(spec: ConceptSpec) -> list[Scene]:
     return scenes
 
 
+def has_concept_look(scene: Scene) -> bool:
+    """True when an object of ``scene`` looks like a concept of interest (its base noun, both colours and
+    pattern): such a scene must stay out of every training set, or the concept would not be novel."""
+    looks = {(c.base, c.colour, c.colour2, c.pattern) for c in CONCEPTS}
+    return any((o.noun, o.colour, o.colour2, o.pattern) in looks for o in scene.objects)
+
+
 def concept_photos(spec: ConceptSpec, size: int = 32) -> list[Image.Image]:
     """Render a concept's user photos."""
     return [draw_scene(s, size)[0] for s in concept_scenes(spec)]
@@ -422,5 +452,5 @@ def with_look(scene: Scene, **look) -> Scene:
 __all__ = [
     "BACKGROUNDS", "COLOURS", "CONCEPTS", "FULL", "HELD_OUT_PAIRS", "NOUNS", "NOUNS_ONLY", "PATTERNS",
     "CaptionPolicy", "ConceptSpec", "Scene", "SceneObject", "caption", "caption_words", "check_nouns",
-    "concept_photos", "concept_scenes", "draw_scene", "is_held_out", "render_scene", "sample_scene",
+    "concept_photos", "concept_scenes", "draw_scene", "has_concept_look", "is_held_out", "object_masks", "render_scene", "sample_scene",
 ]

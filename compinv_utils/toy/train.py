@@ -2,22 +2,48 @@
 
     python -m compinv_utils.toy.train --out data/toy            # the committed world
     python -m compinv_utils.toy.train --out /tmp/w --profile smoke   # a 1-minute check of the code path
+    python -m compinv_utils.toy.train --out /tmp/w --profile cpu-full  # the whole world on a 2-core CPU
+    python -m compinv_utils.toy.train --out /tmp/w --profile gpu       # the whole world on one GPU
 
 Stages: tokenizer, rendered data set, VAE, CLIP (saved), detector (saved), UNet (its EMA saved
-every 1,000 steps while it trains), and the assembled ``StableDiffusionPipeline``. Every random choice is seeded, so a rerun on the same device and
-library versions rebuilds the same weights.
+every ``unet_checkpoint_every`` steps while it trains), and the assembled ``StableDiffusionPipeline``. Every
+random choice is seeded, so a rerun on the same device and library versions rebuilds the same weights.
+
+The data set is rendered once into arrays — images, boxes, per-object masks on the 8x8 latent grid, and
+``captions_per_scene`` captions per scene already tokenised, with the object each noun token names — and
+cached in ``--cache-dir`` under a key of the configuration, so a resumed or later run does not render
+again. Latents are encoded once after the VAE stage. The UNet stage draws batches with torch indices into
+these tensors only, so it is bound by the model; it saves its full state (weights, EMA, optimiser,
+generator) with each checkpoint, and ``--stages unet --resume`` continues from the last one after an
+interruption. ``--ground-weight`` (and ``--ground-pixel-weight``) add a token-level grounding loss on noun
+tokens' cross-attention (TokenCompose, Wang et al., CVPR 2024); off by default. Scenes in which an object
+has the look of a concept of interest are redrawn, so no concept is ever seen in training.
+
+Profiles (the times are estimates from measured per-step costs, not measurements of the runs):
+
+- ``cpu-full`` — a 2-core CPU in about 90–110 minutes: render 30,000 scenes (~2 min), VAE 1,500 steps of
+  batch 64 at ~0.75 s (~19 min), CLIP 1,200 steps of batch 128 (~14 min), detector 1,500 steps of batch 64
+  (~2 min), UNet 7,000 steps of batch 64 at 0.44–0.56 s (52–65 min; the grounding loss adds at most ~10 %, ~115 min in all).
+- ``gpu`` — one recent GPU (an H200-class card) in about 25–35 minutes: 100,000 scenes (~1 min with 16
+  render workers), the ``full`` VAE/CLIP/detector stages (~5 min), UNet 30,000 steps of batch 256, at an
+  expected 20–30 steps/s (17–25 min) now that the loop no longer waits on caption sampling (the first
+  edition managed ~7); not yet run on a GPU.
+- ``full`` — the committed world's sizes; ``cpu-unet`` continues a UNet on a CPU; ``smoke`` checks the code path.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import hashlib
 import json
 import math
 import multiprocessing as mp
 import os
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +51,18 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..files import write_text
+from ..files import atomic_path, torch_load, torch_save, write_text
 from . import render
 from .models import IMAGE_SIZE, ToyDetector, make_clip, make_sample_scheduler, make_train_scheduler, make_unet, make_vae
 from .tokenizer import build_tokenizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation, as in SD's feature extractor
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+CAPTIONS_PER_SCENE = 4  # captions drawn once per scene and stored tokenised (a step picks one of them)
+MASK_SIZE = 8  # object masks at the latent resolution
+DATA_VERSION = 1  # bump when the rendered arrays change, so that old caches are not reused
 
 
 @dataclass(frozen=True)
@@ -51,6 +82,10 @@ class TrainConfig:
     det_steps: int = 2_500  # detector steps
     det_batch: int = 256
     seed: int = 0
+    captions_per_scene: int = CAPTIONS_PER_SCENE  # captions drawn (and tokenised) once per scene
+    ground_weight: float = 0.0  # weight of the token grounding loss on noun tokens' cross-attention (0: off)
+    ground_pixel_weight: float = 0.0  # weight of the pixel-level grounding term (BCE of a token's map vs its mask)
+    ground_resolutions: tuple[int, ...] = (8,)  # cross-attention map sizes the grounding loss reads (8 and/or 4)
 
 
 PROFILES = {
@@ -58,6 +93,13 @@ PROFILES = {
     # Continue the UNet stage on a CPU from a checkpoint (--stages unet --init-unet DIR).
     "cpu-unet": TrainConfig(n_scenes=30_000, unet_steps=1_800, unet_batch=64, unet_lr=2e-4, unet_warmup=50,
                             ema_decay=0.998, unet_checkpoint_every=200),
+    # A whole world on a 2-core CPU in under 2 hours (see the module docstring for the estimate).
+    "cpu-full": TrainConfig(n_scenes=30_000, vae_steps=1_500, vae_batch=64, clip_steps=1_200, clip_batch=128,
+                            unet_steps=7_000, unet_batch=64, unet_lr=2e-4, unet_warmup=300, ema_decay=0.999,
+                            unet_checkpoint_every=500, det_steps=1_500, det_batch=64),
+    # A whole world on one GPU: more scenes and three times the UNet steps of "full" (see the module docstring).
+    "gpu": TrainConfig(n_scenes=100_000, unet_steps=30_000, unet_warmup=1_000, ema_decay=0.9995,
+                       unet_checkpoint_every=2_000),
     "smoke": TrainConfig(n_scenes=512, vae_steps=4, vae_batch=16, clip_steps=4, clip_batch=16, unet_steps=4,
                          unet_batch=16, det_steps=4, det_batch=16),
 }
@@ -68,29 +110,96 @@ PROFILES = {
 # ---------------------------------------------------------------------------------------------
 
 
-def _render_one(seed: int):
-    scene = render.sample_scene(seed)
+def training_scene(seed: int) -> render.Scene:
+    """Training scene ``seed``: ``render.sample_scene(seed)``, redrawn from a derived seed in the rare case
+    (about 1 scene in 1,000) that an object has a concept of interest's look."""
+    scene, attempt = render.sample_scene(seed), 0
+    while render.has_concept_look(scene):
+        attempt += 1
+        scene = render.sample_scene(int(np.random.default_rng([seed, attempt]).integers(2**62)))
+    return scene
+
+
+def _render_one(seed: int, captions: int = 0, caption_seed: int = 0):
+    scene = training_scene(seed)
     img, boxes = render.draw_scene(scene)
-    return scene, np.asarray(img), boxes
+    masks = render.object_masks(scene, MASK_SIZE)
+    rng = np.random.default_rng([caption_seed, seed])
+    return scene, np.asarray(img), boxes, masks, [render.caption(scene, rng) for _ in range(captions)]
 
 
-def render_dataset(n: int, workers: int) -> dict:
+def render_dataset(n: int, workers: int, captions: int = CAPTIONS_PER_SCENE, seed: int = 0) -> dict:
     """Render scenes 0..n-1: ``images`` (n, 32, 32, 3) uint8, ``labels`` (n, 2) noun index or -1,
-    ``boxes`` (n, 2, 4) in [0, 1], and the ``scenes`` themselves (for captions)."""
+    ``boxes`` (n, 2, 4) in [0, 1], ``masks`` (n, 2, 8, 8) bool (each object's visible cells at the latent
+    resolution; the cell it covers most is always set), ``captions`` (n, K) with K = ``captions`` drawn by
+    :func:`render.caption` from a generator seeded by ``(seed, scene)``, and the ``scenes`` themselves."""
     nouns = sorted(render.NOUNS)
     images = np.zeros((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     labels = -np.ones((n, 2), np.int64)
     boxes = np.zeros((n, 2, 4), np.float32)
+    masks = np.zeros((n, 2, MASK_SIZE, MASK_SIZE), bool)
+    caps = np.empty((n, captions), object)
     scenes = []
+    job = partial(_render_one, captions=captions, caption_seed=seed)
     with mp.get_context("fork").Pool(workers) as pool:
-        it = pool.imap(_render_one, range(n), chunksize=256)
-        for i, (scene, img, bx) in enumerate(tqdm(it, total=n, desc="render scenes")):
+        it = pool.imap(job, range(n), chunksize=256)
+        for i, (scene, img, bx, cover, cs) in enumerate(tqdm(it, total=n, desc="render scenes")):
             scenes.append(scene)
             images[i] = img
+            caps[i] = cs
             for j, (noun, box) in enumerate(bx):
                 labels[i, j] = nouns.index(noun)
                 boxes[i, j] = box
-    return dict(images=images, labels=labels, boxes=boxes, scenes=scenes)
+                masks[i, j] = cover[j] >= 0.25
+                masks[i, j].flat[cover[j].argmax()] = True
+    return dict(images=images, labels=labels, boxes=boxes, masks=masks, captions=caps, scenes=scenes)
+
+
+def tokenise_captions(captions: np.ndarray, labels: np.ndarray, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids ``(n, K, 77)`` int32 of ``captions`` (n, K), and for every token the index (0 or 1) of the
+    scene object it names — noun tokens only; -1 for every other token (attributes, articles, padding).
+
+    A toy caption's words are one token each, so word ``j`` sits at position ``j + 1``."""
+    tokenize = CaptionTokenizer(tokenizer)
+    nouns = sorted(render.NOUNS)
+    n, k = captions.shape
+    ids = tokenize(list(captions.ravel()), "cpu").numpy().astype(np.int32).reshape(n, k, -1)
+    obj = np.full(ids.shape, -1, np.int8)
+    for i in range(n):
+        names = {nouns[lab]: j for j, lab in enumerate(labels[i]) if lab >= 0}
+        for c in range(k):
+            for pos, word in enumerate(captions[i, c].split()[: ids.shape[-1] - 2]):
+                if word in names:
+                    obj[i, c, pos + 1] = names[word]
+    return ids, obj
+
+
+DATA_KEYS = ("images", "labels", "boxes", "masks", "ids", "noun_object")
+
+
+def data_cache_path(cache_dir: Path, cfg: "TrainConfig") -> Path:
+    """The cache file of the rendered arrays for this configuration (scenes, captions per scene, seed)."""
+    key = hashlib.sha1(json.dumps([DATA_VERSION, cfg.n_scenes, cfg.captions_per_scene, cfg.seed]).encode()).hexdigest()
+    return Path(cache_dir) / f"toy_scenes_{cfg.n_scenes}_{key[:12]}.npz"
+
+
+def load_or_render(cfg: "TrainConfig", tokenizer, workers: int, cache_dir: Path | None) -> dict:
+    """The training arrays (:data:`DATA_KEYS`) from the cache when present, else rendered and cached.
+
+    ``ids``: ``(n, K, 77)`` int32 token ids; ``noun_object``: ``(n, K, 77)`` int8 (see :func:`tokenise_captions`).
+    """
+    path = data_cache_path(cache_dir, cfg) if cache_dir else None
+    if path and path.is_file():
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in DATA_KEYS}
+    data = render_dataset(cfg.n_scenes, workers, cfg.captions_per_scene, cfg.seed)
+    data["ids"], data["noun_object"] = tokenise_captions(data["captions"], data["labels"], tokenizer)
+    data = {k: data[k] for k in DATA_KEYS}
+    if path:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **data)
+    return data
 
 
 def captions_for(scenes, idx: np.ndarray, rng: np.random.Generator, dropout: float = 0.0) -> list[str]:
@@ -208,13 +317,12 @@ def train_clip(data, tokenizer, cfg: TrainConfig, device, log):
     torch.manual_seed(cfg.seed + 2)
     gen = np.random.default_rng(cfg.seed + 2)
     clip = make_clip(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id).to(device).train()
-    tokenize = CaptionTokenizer(tokenizer)
     opt, sched = _optimiser(clip.parameters(), 5e-4, cfg.clip_steps, min(300, cfg.clip_steps // 10 + 1))
     bar = tqdm(range(cfg.clip_steps), desc="CLIP")
     for step in bar:
         idx = gen.choice(len(data["images"]), cfg.clip_batch, replace=False)
         px = clip_normalise(_pick_images(data, idx, gen, device))
-        ids = tokenize(captions_for(data["scenes"], idx, gen), device)
+        ids = torch.from_numpy(data["ids"][idx, gen.integers(0, data["ids"].shape[1], len(idx))]).long().to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = clip(input_ids=ids, pixel_values=px, return_loss=True).loss
         opt.zero_grad(set_to_none=True)
@@ -241,46 +349,146 @@ def text_tower(clip):
     return te.to(next(clip.parameters()).device).eval().requires_grad_(False)
 
 
-def train_unet(data, tokenizer, text_encoder, cfg: TrainConfig, device, log, ckpt_dir: Path, init: Path | None = None):
+def grounding_loss(maps: dict, shapes: dict, masks: torch.Tensor, noun_object: torch.Tensor,
+                   resolutions: tuple[int, ...] = (MASK_SIZE,)) -> tuple[torch.Tensor, torch.Tensor]:
+    """TokenCompose's grounding terms (Wang et al., CVPR 2024) on noun tokens' cross-attention.
+
+    ``maps``: layer -> ``(B, HW, T)`` attention probabilities (averaged over heads); ``shapes``: layer ->
+    ``(h, w)``; ``masks``: ``(B, 2, 8, 8)`` object masks; ``noun_object``: ``(B, T)`` the object each noun
+    token names, -1 for every other token (attribute words never count). Layers whose map height is not in
+    ``resolutions`` are skipped; at 4x4 a mask is the fraction of each cell it covers.
+
+    Returns ``(token, pixel)``: the token loss ``1 - (attention inside the mask) / (all attention)`` and the
+    BCE between the token's map divided by its maximum and the mask, each averaged over noun tokens and layers.
+    """
+    valid = noun_object >= 0
+    b_idx, t_idx = valid.nonzero(as_tuple=True)
+    obj = noun_object[b_idx, t_idx]
+    token_terms, pixel_terms = [], []
+    for layer, probs in maps.items():
+        h, w = shapes[layer]
+        if h not in resolutions:
+            continue
+        m = masks.float()
+        if (h, w) != tuple(m.shape[-2:]):
+            m = F.adaptive_avg_pool2d(m, (h, w))
+        m = m[b_idx, obj].flatten(1)  # (N, HW)
+        att = probs[b_idx, :, t_idx].float()  # (N, HW)
+        token_terms.append(1 - (att * m).sum(1) / att.sum(1).clamp_min(1e-8))
+        norm = att / att.amax(1, keepdim=True).clamp_min(1e-8)
+        pixel_terms.append(F.binary_cross_entropy(norm.clamp(1e-6, 1 - 1e-6), m, reduction="none").mean(1))
+    if not token_terms:
+        raise ValueError(f"no cross-attention maps at resolutions {resolutions}; recorded: "
+                         f"{sorted({hw for hw in shapes.values()})}")
+    if len(b_idx) == 0:  # no noun token in the batch (e.g. every caption dropped): a zero that keeps the graph
+        zero = sum(p.sum() for p in maps.values()) * 0.0
+        return zero, zero
+    return torch.cat(token_terms).mean(), torch.cat(pixel_terms).mean()
+
+
+UNET_STATE = "unet_train_state.pt"  # the UNet stage's resumable state (weights, EMA, optimiser, generator, step)
+
+
+def _resume_key(cfg: TrainConfig) -> str:
+    return json.dumps({k: v for k, v in asdict(cfg).items() if k != "unet_checkpoint_every"}, sort_keys=True)
+
+
+def train_unet(data, tokenizer, text_encoder, cfg: TrainConfig, device, log, ckpt_dir: Path, init: Path | None = None,
+               resume: bool = False):
+    """Train the UNet on ``data["latents"]`` with the pre-tokenised captions (``data["ids"]``); every random draw
+    comes from one seeded torch generator on ``device``. Every ``unet_checkpoint_every`` steps the EMA goes to
+    ``ckpt_dir/unet_ema_partial`` and the full state to ``ckpt_dir/unet_train_state.pt``; with ``resume`` the
+    stage continues from that state. With ``ground_weight`` or ``ground_pixel_weight`` > 0 the loss adds
+    :func:`grounding_loss` on the cross-attention of this very forward pass. Returns the EMA UNet."""
     from diffusers import UNet2DConditionModel
 
+    from ..attention import AttentionStore, attention_store
+
     torch.manual_seed(cfg.seed + 3)
-    gen = np.random.default_rng(cfg.seed + 3)
+    gen = torch.Generator(device).manual_seed(cfg.seed + 3)
     unet = (UNet2DConditionModel.from_pretrained(init, dtype=torch.float32) if init else make_unet()).to(device).train()
-    tokenize = CaptionTokenizer(tokenizer)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     noise_sched = make_train_scheduler()
+    n_t = noise_sched.config.num_train_timesteps
     alphas = noise_sched.alphas_cumprod.to(device)
     opt, sched = _optimiser(unet.parameters(), cfg.unet_lr, cfg.unet_steps, min(cfg.unet_warmup, cfg.unet_steps // 10 + 1))
+    state_path = Path(ckpt_dir) / UNET_STATE
+    start = 0
+    if resume and state_path.is_file():
+        st = torch_load(state_path, "UNet training state", "delete it to start the UNet stage afresh")
+        if st["config"] != _resume_key(cfg):
+            raise ValueError(f"{state_path} was written with another configuration; delete it or use the same profile")
+        unet.load_state_dict(st["unet"])
+        ema.load_state_dict(st["ema"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        gen.set_state(st["generator"])
+        start = int(st["step"])
+    log["unet_start_step"] = start
+
     lats = data["latents"].to(device)
-    bar = tqdm(range(cfg.unet_steps), desc="UNet")
-    for step in bar:
-        idx = gen.integers(0, len(lats), cfg.unet_batch)
-        ids = tokenize(captions_for(data["scenes"], idx, gen, cfg.cfg_dropout), device)
-        z0 = lats[torch.from_numpy(idx).to(device)]
-        noise = torch.randn_like(z0)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(z0),), device=device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        with torch.no_grad():
-            cond = text_encoder(ids)[0]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            pred = unet(zt, t, cond).sample
-        loss = F.mse_loss(pred.float(), noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - decay)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % cfg.unet_checkpoint_every == 0 and step + 1 < cfg.unet_steps:
-            _save_partial(ema, ckpt_dir / "unet_ema_partial", step + 1)
-    log["unet_final_loss"] = loss.item()
+    ids_all = torch.from_numpy(np.ascontiguousarray(data["ids"])).to(device)  # (n, K, 77) int32
+    nouns_all = torch.from_numpy(np.ascontiguousarray(data["noun_object"])).to(device)  # (n, K, 77) int8
+    masks = torch.from_numpy(np.ascontiguousarray(data["masks"])).to(device)  # (n, 2, 8, 8) bool
+    empty = CaptionTokenizer(tokenizer)([""], device)[0]  # (77,) the ids of the empty caption
+    n, k_caps = ids_all.shape[:2]
+    B = cfg.unet_batch
+    grounding = cfg.ground_weight > 0 or cfg.ground_pixel_weight > 0
+    store = AttentionStore(keep_similarity=False, keep_grad=True, resolutions=tuple(cfg.ground_resolutions))
+    with attention_store(unet, store) if grounding else contextlib.nullcontext():
+        bar = tqdm(range(start, cfg.unet_steps), desc="UNet", initial=start, total=cfg.unet_steps)
+        t_start = time.perf_counter()
+        for step in bar:
+            idx = torch.randint(0, n, (B,), device=device, generator=gen)
+            k = torch.randint(0, k_caps, (B,), device=device, generator=gen)
+            drop = torch.rand(B, device=device, generator=gen) < cfg.cfg_dropout
+            ids = torch.where(drop[:, None], empty, ids_all[idx, k].long())
+            z0 = lats[idx]
+            noise = torch.randn(z0.shape, device=device, generator=gen)
+            t = torch.randint(0, n_t, (B,), device=device, generator=gen)
+            a = alphas[t].view(-1, 1, 1, 1)
+            zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+            with torch.no_grad():
+                cond = text_encoder(ids)[0]
+            store.reset()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                pred = unet(zt, t, cond).sample
+            mse = F.mse_loss(pred.float(), noise)
+            loss = mse
+            if grounding:
+                nouns = torch.where(drop[:, None], -1, nouns_all[idx, k].long())
+                tok, pix = grounding_loss(store.maps[0], store.shapes, masks[idx], nouns, tuple(cfg.ground_resolutions))
+                loss = loss + cfg.ground_weight * tok + cfg.ground_pixel_weight * pix
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), unet.parameters()):
+                    pe.lerp_(p, 1 - decay)
+            if step % 50 == 0:
+                post = dict(loss=f"{mse.item():.4f}")
+                if grounding:
+                    post |= dict(ground=f"{tok.item():.3f}")
+                bar.set_postfix(post)
+            if (step + 1) % cfg.unet_checkpoint_every == 0 and step + 1 < cfg.unet_steps:
+                _save_partial(ema, Path(ckpt_dir) / "unet_ema_partial", step + 1)
+                torch_save({"step": step + 1, "config": _resume_key(cfg), "unet": unet.state_dict(),
+                            "ema": ema.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                            "generator": gen.get_state()}, state_path)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - t_start
+    done = cfg.unet_steps - start
+    if done:
+        log["unet_final_loss"] = mse.item()
+        if grounding:
+            log["unet_final_ground_loss"] = tok.item()
+            log["unet_final_ground_pixel_loss"] = pix.item()
+        log["unet_steps_per_s"] = round(done / elapsed, 3)
+        log["unet_samples_per_s"] = round(done * B / elapsed, 1)
     return ema
 
 
@@ -341,10 +549,11 @@ def _half_copy(model):
 
 
 STAGES = ("vae", "clip", "detector", "unet")
+DEFAULT_CACHE = Path("~/.cache/compinv_utils/toy")  # rendered, tokenised data sets, one file per configuration
 
 
 def build_world(out: Path, cfg: TrainConfig, device: torch.device, workers: int, stages=STAGES,
-                init_unet: Path | None = None) -> dict:
+                init_unet: Path | None = None, cache_dir: Path | None = None, resume: bool = False) -> dict:
     """Run the given stages, load the others from ``out``, and write the world there; returns the log."""
     import shutil
 
@@ -372,7 +581,7 @@ def build_world(out: Path, cfg: TrainConfig, device: torch.device, workers: int,
 
     tokenizer = build_tokenizer(render.caption_words())
     stage("tokenizer")
-    data = render_dataset(cfg.n_scenes, workers)
+    data = load_or_render(cfg, tokenizer, workers, cache_dir)
     stage("render")
     if "vae" in stages:
         vae = train_vae(data, cfg, device, log)
@@ -397,7 +606,7 @@ def build_world(out: Path, cfg: TrainConfig, device: torch.device, workers: int,
     stage("detector")
     text_encoder = text_tower(clip)
     if "unet" in stages:
-        unet = train_unet(data, tokenizer, text_encoder, cfg, device, log, out, init_unet)
+        unet = train_unet(data, tokenizer, text_encoder, cfg, device, log, out, init_unet, resume)
     else:
         unet = load_part(UNet2DConditionModel, "pipeline/unet")
     stage("unet")
@@ -412,6 +621,7 @@ def build_world(out: Path, cfg: TrainConfig, device: torch.device, workers: int,
     for leftover in ("unet_ema_partial", "vae_stage"):
         if (out / leftover).exists():
             shutil.rmtree(out / leftover)
+    (out / UNET_STATE).unlink(missing_ok=True)
     log["total_s"] = round(time.time() - t0, 1)
     log_path = out / "training_log.json"
     runs = json.loads(log_path.read_text()) if log_path.exists() else []
@@ -422,23 +632,37 @@ def build_world(out: Path, cfg: TrainConfig, device: torch.device, workers: int,
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="data/toy", help="folder to write the world to")
-    p.add_argument("--profile", default="full", choices=sorted(PROFILES), help="sizes: full, or smoke for a quick check")
+    p.add_argument("--profile", default="full", choices=sorted(PROFILES),
+                   help="sizes: full, cpu-full (2-core CPU), gpu, cpu-unet, or smoke for a quick check")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes that render the data set")
     p.add_argument("--unet-steps", type=int, default=None, help="override the profile's UNet steps")
     p.add_argument("--stages", default=",".join(STAGES), help="stages to train; the others are loaded from --out")
     p.add_argument("--init-unet", default=None, help="start the UNet stage from this saved UNet instead of scratch")
+    p.add_argument("--resume", action="store_true",
+                   help=f"continue the UNet stage from --out/{UNET_STATE} (its last checkpoint); use with --stages unet")
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="where the rendered, tokenised data set is cached")
+    p.add_argument("--no-cache", action="store_true", help="render the data set without reading or writing the cache")
+    p.add_argument("--ground-weight", type=float, default=None, help="override the token grounding loss weight")
+    p.add_argument("--ground-pixel-weight", type=float, default=None, help="override the pixel grounding loss weight")
     args = p.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     cfg = PROFILES[args.profile]
     if args.unet_steps is not None:
         cfg = replace(cfg, unet_steps=args.unet_steps)
+    if args.ground_weight is not None:
+        cfg = replace(cfg, ground_weight=args.ground_weight)
+    if args.ground_pixel_weight is not None:
+        cfg = replace(cfg, ground_pixel_weight=args.ground_pixel_weight)
     stages = [x for x in args.stages.split(",") if x]
     unknown = [x for x in stages if x not in STAGES]
     if unknown:
         p.error(f"unknown stage(s) {unknown}; the stages are {', '.join(STAGES)}")
-    log = build_world(Path(args.out), cfg, device, args.workers, stages, Path(args.init_unet) if args.init_unet else None)
+    if args.resume and "vae" in stages:
+        p.error("--resume continues the UNet stage on the latents of the VAE already trained: use --stages unet")
+    log = build_world(Path(args.out), cfg, device, args.workers, stages, Path(args.init_unet) if args.init_unet else None,
+                      None if args.no_cache else Path(args.cache_dir).expanduser(), args.resume)
     print(json.dumps(log, indent=2))
 
 

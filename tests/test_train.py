@@ -1,0 +1,145 @@
+"""The toy world's training pipeline at tiny sizes: data arrays, grounding loss, a 2-step UNet run, resume."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from compinv_utils.attention import AttentionStore, attention_store
+from compinv_utils.toy import render, train
+from compinv_utils.toy.models import make_clip, make_unet
+from compinv_utils.toy.tokenizer import build_tokenizer
+
+N = 32
+CFG = replace(train.PROFILES["smoke"], n_scenes=N, unet_steps=2, unet_batch=4, unet_checkpoint_every=1,
+              ground_weight=1.0, ground_pixel_weight=0.1, ground_resolutions=(8, 4))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(render.caption_words())
+
+
+@pytest.fixture(scope="module")
+def rendered():
+    return train.render_dataset(N, workers=1, captions=CFG.captions_per_scene, seed=CFG.seed)
+
+
+@pytest.fixture(scope="module")
+def data(tokenizer, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    first = train.load_or_render(CFG, tokenizer, 1, cache)
+    assert train.data_cache_path(cache, CFG).is_file()
+    again = train.load_or_render(CFG, tokenizer, 1, cache)  # read from the cache, not rendered
+    assert all(np.array_equal(first[k], again[k]) for k in train.DATA_KEYS)
+    first["latents"] = torch.randn(N, 4, 8, 8)
+    return first
+
+
+def test_data_arrays_have_their_shapes_and_dtypes(data):
+    K = CFG.captions_per_scene
+    expected = {"images": ((N, 32, 32, 3), np.uint8), "labels": ((N, 2), np.int64), "boxes": ((N, 2, 4), np.float32),
+                "masks": ((N, 2, 8, 8), np.bool_), "ids": ((N, K, 77), np.int32),
+                "noun_object": ((N, K, 77), np.int8)}
+    for key, (shape, dtype) in expected.items():
+        assert data[key].shape == shape and data[key].dtype == dtype, key
+
+
+def test_noun_tokens_point_at_the_objects_their_caption_names(data, rendered, tokenizer):
+    nouns = sorted(render.NOUNS)
+    attributes = set(render.COLOURS) | set(render.PATTERNS)
+    for i in range(N):
+        for c in range(CFG.captions_per_scene):
+            text = rendered["captions"][i, c]
+            positions = np.nonzero(data["noun_object"][i, c] >= 0)[0]
+            named = [o.noun for o in rendered["scenes"][i].objects]
+            assert len(positions) == len(named)  # every object's noun, and nothing else
+            for pos in positions:
+                obj = data["noun_object"][i, c, pos]
+                word = tokenizer.convert_ids_to_tokens(int(data["ids"][i, c, pos])).removesuffix("</w>")
+                assert word == nouns[data["labels"][i, obj]] and word in text.split() and word not in attributes
+                assert data["masks"][i, obj].any()
+
+
+def test_tokenised_captions_decode_back_to_their_text(data, rendered, tokenizer):
+    for i in range(N):
+        for c in range(CFG.captions_per_scene):
+            text = tokenizer.decode(data["ids"][i, c].tolist(), skip_special_tokens=True)
+            assert text.strip() == rendered["captions"][i, c]
+
+
+def test_the_concepts_of_interest_never_appear_in_the_training_data(rendered):
+    words = {w for caps in rendered["captions"] for cap in caps for w in cap.split()}
+    assert not any(spec.token in words or spec.name in words for spec in render.CONCEPTS)
+    assert render.has_concept_look(render.sample_scene(729))  # a random scene that happens to look like a concept
+    redrawn = train.training_scene(729)
+    assert not render.has_concept_look(redrawn) and redrawn == train.training_scene(729)
+    assert train.training_scene(0) == render.sample_scene(0)
+
+
+def _maps(inside: bool):
+    """Hand-made attention: every noun token's mass entirely inside (or outside) its object's mask."""
+    masks = torch.zeros(2, 2, 8, 8, dtype=torch.bool)
+    masks[:, 0, 1:4, 1:4] = True
+    masks[:, 1, 5:7, 5:7] = True
+    nouns = -torch.ones(2, 77, dtype=torch.long)
+    nouns[:, 3], nouns[:, 6] = 0, 1
+    probs = torch.full((2, 64, 77), 1e-9)
+    for t, o in ((3, 0), (6, 1)):
+        m = masks[:, o].flatten(1).float()
+        probs[:, :, t] = m if inside else 1 - m
+    return {"down": probs}, {"down": (8, 8)}, masks, nouns
+
+
+def test_grounding_loss_is_zero_inside_the_masks_and_one_outside():
+    tok_in, pix_in = train.grounding_loss(*_maps(True))
+    tok_out, pix_out = train.grounding_loss(*_maps(False))
+    assert tok_in.item() == pytest.approx(0, abs=1e-6) and tok_out.item() == pytest.approx(1, abs=1e-6)
+    assert pix_in.item() < 1e-3 < 1 < pix_out.item()
+
+
+def test_grounding_loss_gradient_reaches_the_unet(data):
+    torch.manual_seed(0)
+    unet = make_unet()
+    store = AttentionStore(keep_similarity=False, keep_grad=True, resolutions=(8, 4))
+    nouns = torch.from_numpy(data["noun_object"][:2, 0]).long()
+    with attention_store(unet, store):
+        unet(torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 77, 128))
+    tok, pix = train.grounding_loss(store.maps[0], store.shapes, torch.from_numpy(data["masks"][:2]), nouns, (8, 4))
+    (tok + pix).backward()
+    grads = [p.grad for n, p in unet.named_parameters() if "attn2.to_k" in n or "attn2.to_q" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_two_grounded_unet_steps_are_finite_and_resume_continues_at_the_checkpoint(data, tokenizer, tmp_path):
+    clip = make_clip(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    text_encoder = train.text_tower(clip)
+    device = torch.device("cpu")
+    log = {}
+    straight = train.train_unet(data, tokenizer, text_encoder, CFG, device, log, tmp_path)
+    assert log["unet_start_step"] == 0
+    for key in ("unet_final_loss", "unet_final_ground_loss", "unet_final_ground_pixel_loss"):
+        assert np.isfinite(log[key]), key
+    assert log["unet_steps_per_s"] > 0 and log["unet_samples_per_s"] > 0
+    assert (tmp_path / train.UNET_STATE).is_file() and (tmp_path / "unet_ema_partial").is_dir()
+    state = torch.load(tmp_path / train.UNET_STATE, weights_only=True)
+    assert state["step"] == 1
+    log2 = {}
+    resumed = train.train_unet(data, tokenizer, text_encoder, CFG, device, log2, tmp_path, resume=True)
+    assert log2["unet_start_step"] == 1 and np.isfinite(log2["unet_final_loss"])
+    for a, b in zip(straight.parameters(), resumed.parameters()):  # the resumed run repeats the uninterrupted one
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="another configuration"):
+        train.train_unet(data, tokenizer, text_encoder, replace(CFG, unet_lr=1e-3), device, {}, tmp_path, resume=True)
+
+
+def test_profiles_and_resume_needs_the_unet_stage_alone():
+    assert {"cpu-full", "gpu", "smoke", "full"} <= set(train.PROFILES)
+    cpu = train.PROFILES["cpu-full"]
+    minutes = (cpu.vae_steps * 0.75 * cpu.vae_batch / 64 + cpu.unet_steps * 0.56 * cpu.unet_batch / 64) / 60
+    assert minutes < 100  # the two stages whose per-step cost is known leave room for the rest in 2 hours
+    assert all(p.ground_weight == 0 for p in train.PROFILES.values())  # grounding is opt-in
+    with pytest.raises(SystemExit):
+        train.main(["--resume", "--out", "/nonexistent"])
