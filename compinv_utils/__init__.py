@@ -1,6 +1,9 @@
 """Helpers for a notebook-first reproduction of "Compositional Inversion for Stable Diffusion Models"."""
 
-from .world import WORLDS, ConceptOfInterest, World, load_photos, load_world, seed_everything
+from .course import Claims, load_or_compute, setup_figures
+from .world import (WORLDS, ConceptOfInterest, World, data_root, load_photos, load_world, register_world,
+                    seed_everything)
 
-__all__ = ["WORLDS", "ConceptOfInterest", "World", "load_photos", "load_world", "seed_everything"]
+__all__ = ["WORLDS", "Claims", "ConceptOfInterest", "World", "data_root", "load_or_compute", "load_photos", "load_world",
+           "register_world", "seed_everything", "setup_figures"]
 __version__ = "0.1.0"

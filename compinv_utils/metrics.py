@@ -160,8 +160,8 @@ def bootstrap_diff_ci(a, b, n_boot: int = 2000, level: float = 0.95, seed: int =
     return float(x.mean() - y.mean()), float(np.quantile(d, q)), float(np.quantile(d, 1 - q))
 
 
-def partners(world, concept, candidates: Sequence[str] | None = None, k: int = 4) -> list[str]:
-    """The first ``k`` candidate partner nouns (default: the world's ``settings.partners``) for ``concept``
+def partners(world, concept, candidates: Sequence[str] | None = None, k: int | None = None) -> list[str]:
+    """The first ``k`` (default: the world's ``settings.n_partners``) candidate partner nouns (default: the world's ``settings.partners``) for ``concept``
     (a concept of interest, or a superclass word): never its superclass, never anything seen in its user
     photos (``concept.in_photos``; a partner the photos hold would be "found" because inversion absorbed
     it), never a pair held out from the world's training."""
@@ -169,6 +169,7 @@ def partners(world, concept, candidates: Sequence[str] | None = None, k: int = 4
     seen = set(getattr(concept, "in_photos", ()))
     held = {tuple(sorted(p)) for p in world.held_out_pairs}
     candidates = world.settings.partners if candidates is None else candidates
+    k = world.settings.n_partners if k is None else k
     return [x for x in candidates
             if x != superclass and x not in seen and tuple(sorted((x, superclass))) not in held][:k]
 

@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
-DPI = 72  # small PNGs in committed notebooks
+DPI = 100  # legible and still small PNGs in committed notebooks
 
 
 def image_grid(images: Sequence[Image.Image], ncols: int = 8, titles: Sequence[str] | None = None,

@@ -20,8 +20,15 @@ import torch
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TOY_DIR = Path(os.environ.get("COMPINV_TOY_DIR", REPO_ROOT / "data" / "toy"))
-WORLDS = ("toy", "sd15")
+
+
+def data_root() -> Path:
+    """Where cached results and the toy world's weights live: ``$COMPINV_DATA`` when set (a regular, non-editable
+    install sets it to the clone's ``data/``), else the repository's ``data/``."""
+    return Path(os.environ.get("COMPINV_DATA") or REPO_ROOT / "data")
+
+
+TOY_DIR = Path(os.environ.get("COMPINV_TOY_DIR") or data_root() / "toy")
 
 SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD15_CLIP_ID = "openai/clip-vit-large-patch14"
@@ -56,20 +63,29 @@ class ConceptOfInterest:
 
 @dataclass(frozen=True)
 class WorldSettings:
-    """What a world's chapters use by default."""
+    """What a world's chapters use by default: method settings and the budgets of a run."""
 
     lam: float = 0.95  # λ of semantic inversion (Eq. 9), chosen per world by the sweep of chapter 03
     anchors_c: int = 3  # at most c active anchors
     partners: tuple[str, ...] = ()  # candidate partner nouns for compositions, in order of preference
+    n_partners: int = 4  # partner nouns per concept in compositions
     detect_threshold: float = 0.5  # detector score for "found" (the official evaluation: DETR at 0.8)
     inversion_steps: int = 300  # textual-inversion steps
     inversion_seeds: int = 3  # independent inversions per concept (intervals resample them)
+    gen_seeds: int = 2  # generation seeds per inversion and prompt in the chapters
+    max_concepts: int | None = None  # use only the first N concepts of interest (None: all)
+    minutes_per_chapter: str = ""  # what a chapter costs on the world's reference hardware, with these budgets
 
 
 # λ = 0.75: what the balance rule picks from the sweep of chapter 03 (which checks that it still does)
-TOY_SETTINGS = WorldSettings(lam=0.75, partners=("kite", "car", "umbrella", "book", "fish", "hat"))
+TOY_SETTINGS = WorldSettings(lam=0.75, partners=("kite", "car", "umbrella", "book", "fish", "hat"),
+                             minutes_per_chapter="1-3 minutes on a 2-core CPU with the cached results")
+# A subset sized for one Colab T4 (about 15 minutes per chapter): 2 concepts, 1 inversion seed of 1,000 steps,
+# 2 partners. The paper's budget is inversion_steps=3000 over all concepts (several GPU-hours per chapter).
 SD15_SETTINGS = WorldSettings(lam=0.95, partners=("bird", "car", "umbrella", "bench", "bicycle", "dog"),
-                              detect_threshold=0.8, inversion_steps=3000)
+                              n_partners=2, detect_threshold=0.8, inversion_steps=1000, inversion_seeds=1,
+                              max_concepts=2, minutes_per_chapter="about 15 minutes per chapter on one T4 "
+                              "(estimated from the step costs; the paper's full budget takes hours)")
 
 
 @dataclass
@@ -91,6 +107,11 @@ class World:
     held_out_pairs: tuple = ()  # noun pairs the model never saw together in training (toy world)
     extras: dict = field(default_factory=dict)
     settings: WorldSettings = field(default_factory=WorldSettings)
+
+    @property
+    def data_dir(self) -> Path:
+        """This world's cached results: ``data/<world name>`` under :func:`data_root`."""
+        return data_root() / self.name
 
     @property
     def image_size(self) -> int:
@@ -277,7 +298,21 @@ def _load_part(cls, folder: Path, **kwargs):
                            "(git checkout -- data/toy) or rebuild it with `make toy-world`") from exc
 
 
-def load_toy_world(root: str | Path | None = None, device: str | torch.device | None = None) -> World:
+def _device(device, default: str | None) -> tuple[torch.device, torch.dtype]:
+    """The device asked for (argument, else ``$COMPINV_DEVICE``, else ``default``, else CUDA when available), and
+    its dtype (fp16 on CUDA, fp32 elsewhere)."""
+    device = device or os.environ.get("COMPINV_DEVICE") or default
+    if device is None:
+        return default_device()
+    dev = torch.device(device)
+    return dev, torch.float16 if dev.type == "cuda" else torch.float32
+
+
+def load_toy_world(root: str | Path | None = None, device: str | torch.device | None = None,
+                   concepts_dir: str | Path | None = None) -> World:
+    """The toy world, on the CPU in fp32 unless ``device`` (or ``$COMPINV_DEVICE``) asks for another one: its
+    chapters compare live results with cached CPU ones exactly. ``concepts_dir``: your own photo folders as
+    the concepts of interest instead of the rendered ones (resized to 32 px)."""
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
@@ -288,10 +323,7 @@ def load_toy_world(root: str | Path | None = None, device: str | torch.device | 
     if not (root / "pipeline" / "model_index.json").exists():
         raise FileNotFoundError(f"the toy world's weights are missing from {root}; rebuild them with `make toy-world` "
                                 "(python -m compinv_utils.toy.train --out data/toy)")
-    dev, dtype = default_device()
-    if device is not None:
-        dev = torch.device(device)
-        dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    dev, dtype = _device(device, "cpu")
     pipe = _load_part(StableDiffusionPipeline, root / "pipeline", dtype=dtype).to(dev)
     pipe.set_progress_bar_config(disable=True)
     clip = _load_part(CLIPModel, root / "clip", dtype=dtype).to(dev).eval()
@@ -302,6 +334,8 @@ def load_toy_world(root: str | Path | None = None, device: str | torch.device | 
         crops = [crop(im, next(box for noun, box in objs if noun == c.base)) for im, objs in drawn]
         seen = tuple(sorted({noun for _, objs in drawn for noun, _ in objs} - {c.base}))
         coi.append(ConceptOfInterest(c.name, c.token, c.base, [im for im, _ in drawn], seen, crops))
+    if concepts_dir:
+        coi = sd15_concepts(concepts_dir, size=pipe.unet.config.sample_size * pipe.vae_scale_factor)
     return World("toy", pipe, sorted(render.NOUNS), coi, clip, CLIPTokenizer.from_pretrained(root / "clip"),
                  CLIPImageProcessor.from_pretrained(root / "clip"), _toy_detector(det, dev), dev, dtype,
                  guidance_scale=5.0, held_out_pairs=render.HELD_OUT_PAIRS, extras={"root": root, "detector_model": det},
@@ -353,10 +387,7 @@ def load_sd15_world(concepts_dir: str | Path | None = None, device: str | torch.
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import AutoImageProcessor, CLIPModel, CLIPProcessor, DetrForObjectDetection
 
-    dev, dtype = default_device()
-    if device is not None:
-        dev = torch.device(device)
-        dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    dev, dtype = _device(device, None)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(SD15_ID, dtype=dtype, safety_checker=None,
                                                        requires_safety_checker=False)
@@ -378,12 +409,51 @@ def load_sd15_world(concepts_dir: str | Path | None = None, device: str | torch.
                  guidance_scale=7.5, settings=SD15_SETTINGS)
 
 
+def load_sd15_random_world(**kwargs) -> World:
+    """A world with Stable Diffusion 1.5's layer structure and random weights, built from configs (no download):
+    proves the sd15 code path on a CPU (see :mod:`compinv_utils.sd15_random`)."""
+    from .sd15_random import load_sd15_random_world as load
+
+    return load(**kwargs)
+
+
+WORLD_LOADERS: dict[str, Callable[..., World]] = {"toy": load_toy_world, "sd15": load_sd15_world,
+                                                   "sd15-random": load_sd15_random_world}
+WORLDS = ("toy", "sd15")  # the worlds with trained weights
+
+
+def register_world(name: str, loader: Callable[..., World]) -> None:
+    """Make ``load_world(name)`` call ``loader(**kwargs)``: a new world is a loader and a line here."""
+    WORLD_LOADERS[name.lower()] = loader
+
+
+def _loader(name: str) -> Callable[..., World]:
+    if name in WORLD_LOADERS:
+        return WORLD_LOADERS[name]
+    if ":" in name:  # "package.module:function", e.g. a test world built from configs
+        import importlib
+
+        module, _, attr = name.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"cannot load the world loader {name!r}: {exc}") from exc
+    raise ValueError(f"unknown world {name!r}; the worlds are: {', '.join(WORLD_LOADERS)} "
+                     "(or a loader given as 'package.module:function')")
+
+
 def load_world(name: str | None = None, **kwargs) -> World:
-    """Load a world by name: ``"toy"`` (default; also from the ``COMPINV_WORLD`` environment variable)
-    or ``"sd15"`` (kwargs: ``concepts_dir``, a folder of concept photo folders; ``device``)."""
-    name = (name or os.environ.get("COMPINV_WORLD", "toy")).lower()
-    if name == "toy":
-        return load_toy_world(**kwargs)
-    if name == "sd15":
-        return load_sd15_world(**kwargs)
-    raise ValueError(f"unknown world {name!r}; the worlds are: {', '.join(WORLDS)}")
+    """Load a world by name: ``"toy"`` (default; also from the ``COMPINV_WORLD`` environment variable),
+    ``"sd15"``, a name added with :func:`register_world`, or ``"package.module:function"``. Keyword arguments
+    go to the loader: ``concepts_dir`` (a folder of concept photo folders; default ``$COMPINV_CONCEPTS``) and
+    ``device`` (default ``$COMPINV_DEVICE``; the toy world stays on the CPU in fp32 unless asked)."""
+    name = name or os.environ.get("COMPINV_WORLD", "toy")
+    name = name if ":" in name else name.lower()
+    if kwargs.get("concepts_dir") is None and os.environ.get("COMPINV_CONCEPTS"):
+        kwargs["concepts_dir"] = os.environ["COMPINV_CONCEPTS"]
+    if kwargs.get("concepts_dir") is None:
+        kwargs.pop("concepts_dir", None)
+    world = _loader(name)(**kwargs)
+    if world.settings.max_concepts is not None:
+        world.concepts_of_interest = world.concepts_of_interest[:world.settings.max_concepts]
+    return world
