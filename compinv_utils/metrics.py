@@ -197,6 +197,35 @@ def pair_detection_table(world, pairs: Sequence[tuple[str, str]] | None = None, 
     return out
 
 
+def load_or_compute_pair_table(world, path, nouns: Sequence[str] | None = None, seeds: int = 2,
+                               recompute: bool = False) -> dict[tuple[str, str], dict[str, float]]:
+    """:func:`pair_detection_table` over every pair of ``nouns`` (default: the world's), cached at ``path`` as
+    ``{"seeds": n, "pairs": {"a|b": {...}}}``. A cache made with other seeds, or missing one of the pairs, is
+    recomputed (the old file is kept as ``*.old.json``); chapter 01 makes it, chapters 06 and the README read it."""
+    import json
+    from pathlib import Path
+
+    from .course import load_or_compute
+
+    path = Path(path)
+    nouns = list(world.concepts if nouns is None else nouns)
+    pairs = list(combinations(nouns, 2))
+    if path.exists() and not recompute:
+        try:
+            cached = json.loads(path.read_text())
+            stale = cached.get("seeds") != seeds or any(f"{a}|{b}" not in cached.get("pairs", {}) for a, b in pairs)
+        except (json.JSONDecodeError, AttributeError):
+            stale = True  # load_or_compute below keeps the unreadable file as *.old.json and recomputes
+        recompute = stale
+
+    def compute():
+        table = pair_detection_table(world, pairs, seeds=seeds)
+        return {"seeds": seeds, "pairs": {f"{a}|{b}": v for (a, b), v in table.items()}}
+
+    data = load_or_compute(path, compute, recompute)
+    return {tuple(k.split("|")): v for k, v in data["pairs"].items() if tuple(k.split("|")) in set(pairs)}
+
+
 def compositionality(table: dict[tuple[str, str], dict[str, float]], nouns: Sequence[str]) -> dict[str, float]:
     """A noun's compositionality: how often its partner is detected, averaged over the pairs it is in."""
     out = {}

@@ -36,9 +36,9 @@ def image_grid(images: Sequence[Image.Image], ncols: int = 8, titles: Sequence[s
     if row_labels is not None:
         for r, lab in enumerate(row_labels[:nrows]):
             axes[r, 0].set_ylabel(lab, fontsize=8, rotation=0, ha="right", va="center")
+    fig.tight_layout(rect=(0, 0, 1, 0.93) if suptitle else None)
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
-    fig.tight_layout()
     return fig
 
 
@@ -52,8 +52,9 @@ def draw_boxes(ax, boxes, size, colours=("#ff2d2d", "#00e5ff", "#ffe100", "#7cff
         ax.add_patch(plt.Rectangle((x0 * w - 0.5, y0 * h - 0.5), (x1 - x0) * w, (y1 - y0) * h, fill=False,
                                    edgecolor=c, linewidth=1.2))
         text = label if score is None else f"{label} {score:.2f}"
-        ax.text(x0 * w, y0 * h - 0.5, text, color=c, fontsize=6, va="bottom",
-                bbox=dict(facecolor="black", alpha=0.5, pad=0.5, linewidth=0))
+        inside = y0 < 0.12  # no room above the box: write the label just inside its top edge
+        ax.text(x0 * w - 0.5, y0 * h + (0.2 if inside else -0.7), text, color="black", fontsize=5.5,
+                va="top" if inside else "bottom", clip_on=True, bbox=dict(facecolor=c, alpha=0.85, pad=0.6, linewidth=0))
 
 
 def bar_chart(values: dict[str, float], title: str = "", ylabel: str = "", threshold: float | None = None):
@@ -69,7 +70,7 @@ def bar_chart(values: dict[str, float], title: str = "", ylabel: str = "", thres
 
 
 def attention_overlays(image: Image.Image | Sequence[Image.Image], maps, titles: Sequence[str], row_labels: Sequence[str] | None = None,
-                       size: float = 1.3):
+                       size: float = 1.3, suptitle: str | None = None):
     """Per-token attention maps over an image. ``maps``: array ``(rows, cols, h, w)`` (or ``(cols, h, w)``);
     ``image``: one image, or a list with one image per row."""
     maps = np.asarray(maps, dtype=float)
@@ -96,5 +97,7 @@ def attention_overlays(image: Image.Image | Sequence[Image.Image], maps, titles:
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (rows * size * 1.15 + 0.3)) if suptitle else None)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
     return fig

@@ -7,10 +7,12 @@ Both return a :class:`World`; helpers take a world and never ask which one it is
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import re
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -73,6 +75,7 @@ class WorldSettings:
     inversion_steps: int = 300  # textual-inversion steps
     inversion_seeds: int = 3  # independent inversions per concept (intervals resample them)
     gen_seeds: int = 2  # generation seeds per inversion and prompt in the chapters
+    pair_nouns: int | None = None  # the pair table (chapter 01) covers the first N nouns' pairs (None: all)
     max_concepts: int | None = None  # use only the first N concepts of interest (None: all)
     minutes_per_chapter: str = ""  # what a chapter costs on the world's reference hardware, with these budgets
 
@@ -80,11 +83,12 @@ class WorldSettings:
 # λ = 0.75: what the balance rule picks from the sweep of chapter 03 (which checks that it still does)
 TOY_SETTINGS = WorldSettings(lam=0.75, partners=("kite", "car", "umbrella", "book", "fish", "hat"),
                              minutes_per_chapter="1-3 minutes on a 2-core CPU with the cached results")
-# A subset sized for one Colab T4 (about 15 minutes per chapter): 2 concepts, 1 inversion seed of 1,000 steps,
-# 2 partners. The paper's budget is inversion_steps=3000 over all concepts (several GPU-hours per chapter).
+# A subset sized for one Colab T4 (estimated at about 15 minutes per chapter from typical T4 step costs, not
+# measured here): 2 concepts, 1 inversion seed of 500 steps, 2 partners, the pair table over 8 nouns (28 pairs).
+# The paper's budget is inversion_steps=3000 over all concepts (several GPU-hours per chapter).
 SD15_SETTINGS = WorldSettings(lam=0.95, partners=("bird", "car", "umbrella", "bench", "bicycle", "dog"),
-                              n_partners=2, detect_threshold=0.8, inversion_steps=1000, inversion_seeds=1,
-                              max_concepts=2, minutes_per_chapter="about 15 minutes per chapter on one T4 "
+                              n_partners=2, detect_threshold=0.8, inversion_steps=500, inversion_seeds=1,
+                              max_concepts=2, pair_nouns=8, minutes_per_chapter="about 15 minutes per chapter on one T4 "
                               "(estimated from the step costs; the paper's full budget takes hours)")
 
 
@@ -288,6 +292,26 @@ def _toy_detector(det, device):
     return detect
 
 
+@contextmanager
+def quiet_loading():
+    """Load models without progress bars or library chatter (they would stay frozen in a saved notebook's output);
+    the libraries' settings are restored afterwards."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    saved = [(m, m.is_progress_bar_enabled(), m.get_verbosity()) for m in (dlog, tlog)]
+    for m, _, _ in saved:
+        m.disable_progress_bar()
+        m.set_verbosity_error()
+    try:
+        with redirect_stdout(io.StringIO()):  # huggingface_hub prints "Loading weights from local directory"
+            yield
+    finally:
+        for m, bar, level in saved:
+            (m.enable_progress_bar if bar else m.disable_progress_bar)()
+            m.set_verbosity(level)
+
+
 def _load_part(cls, folder: Path, **kwargs):
     """``cls.from_pretrained(folder)`` with an error that names the folder when its files are unreadable."""
     try:
@@ -324,10 +348,12 @@ def load_toy_world(root: str | Path | None = None, device: str | torch.device | 
         raise FileNotFoundError(f"the toy world's weights are missing from {root}; rebuild them with `make toy-world` "
                                 "(python -m compinv_utils.toy.train --out data/toy)")
     dev, dtype = _device(device, "cpu")
-    pipe = _load_part(StableDiffusionPipeline, root / "pipeline", dtype=dtype).to(dev)
+    with quiet_loading():
+        pipe = _load_part(StableDiffusionPipeline, root / "pipeline", dtype=dtype).to(dev)
+        clip = _load_part(CLIPModel, root / "clip", dtype=dtype).to(dev).eval()
+        det = _load_part(ToyDetector, root / "detector").to(dev).eval()
+        clip_tokenizer, clip_processor = CLIPTokenizer.from_pretrained(root / "clip"), CLIPImageProcessor.from_pretrained(root / "clip")
     pipe.set_progress_bar_config(disable=True)
-    clip = _load_part(CLIPModel, root / "clip", dtype=dtype).to(dev).eval()
-    det = _load_part(ToyDetector, root / "detector").to(dev).eval()
     coi = []
     for c in render.CONCEPTS:
         drawn = [render.draw_scene(s) for s in render.concept_scenes(c)]
@@ -336,8 +362,7 @@ def load_toy_world(root: str | Path | None = None, device: str | torch.device | 
         coi.append(ConceptOfInterest(c.name, c.token, c.base, [im for im, _ in drawn], seen, crops))
     if concepts_dir:
         coi = sd15_concepts(concepts_dir, size=pipe.unet.config.sample_size * pipe.vae_scale_factor)
-    return World("toy", pipe, sorted(render.NOUNS), coi, clip, CLIPTokenizer.from_pretrained(root / "clip"),
-                 CLIPImageProcessor.from_pretrained(root / "clip"), _toy_detector(det, dev), dev, dtype,
+    return World("toy", pipe, sorted(render.NOUNS), coi, clip, clip_tokenizer, clip_processor, _toy_detector(det, dev), dev, dtype,
                  guidance_scale=5.0, held_out_pairs=render.HELD_OUT_PAIRS, extras={"root": root, "detector_model": det},
                  settings=TOY_SETTINGS)
 
