@@ -22,14 +22,15 @@ class FindingChanged(UserWarning):
 
 
 class Claims:
-    """``claims(condition, message)``: raise ``AssertionError`` (strict) or warn (student mode). Counts both."""
+    """``claims(condition, message)``: raise ``AssertionError`` (strict) or warn (student mode). Counts both
+    (``held``, ``changed``); returns nothing, so a claim on a cell's last line prints nothing."""
 
     def __init__(self, student: bool | None = None):
         self.student = os.environ.get("COMPINV_STUDENT") == "1" if student is None else bool(student)
         self.held: list[str] = []
         self.changed: list[str] = []
 
-    def __call__(self, condition: Any, message: str) -> bool:
+    def __call__(self, condition: Any, message: str) -> None:
         ok = bool(condition)
         (self.held if ok else self.changed).append(message)
         if not ok:
@@ -37,7 +38,6 @@ class Claims:
             if not self.student:
                 raise AssertionError(text + " (set COMPINV_STUDENT=1 to see it as a warning and carry on)")
             warnings.warn(text, FindingChanged, stacklevel=2)
-        return ok
 
     def summary(self) -> str:
         """One line: how many findings held, and which did not."""

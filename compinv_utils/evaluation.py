@@ -33,13 +33,13 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import layout as L
 from .files import write_text
 from . import metrics as M
 from .guidance import GuidanceConfig, guided_generate
 from .inversion import load_embedding, unload
+from .progress import bar
 
 # method -> (which inversion, guided?)
 METHODS: dict[str, tuple[str, bool]] = {"TI": ("plain", False), "+semantic": ("semantic", False),
@@ -170,7 +170,7 @@ def table1(world, partners_for, inversions: dict, layouts: Layouts, inv_seeds: S
                              "delete it or pass another cache file")
     groups = [("noun", m, (c,), s) for m in methods for c in concepts for s in inv_seeds]
     groups += [("concept", m, pair, s) for m in methods for pair in concept_pairs(world, concepts) for s in inv_seeds]
-    for setting, method, cs, s in tqdm(groups, desc="Table 1", disable=not progress):
+    for setting, method, cs, s in bar(groups, desc="Table 1", progress=progress):
         key = _group_key(setting, method, [c.name for c in cs], s)
         if key in done:
             continue

@@ -35,10 +35,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .attention import AttentionStore, attention_store, token_indices
 from .layout import box_to_mask, check_box
+from .progress import bar
 
 
 @dataclass(frozen=True)
@@ -283,7 +283,7 @@ def guided_generate(world, prompts: Sequence[str], words, boxes, seeds: Sequence
     passes = {"cfg_forward": 0, "guided_forward": 0, "guided_backward": 0, "images": n}
     store = AttentionStore(keep_grad=True, keep_similarity=False, average_heads=False)
     with attention_store(unet, store):
-        for lo in tqdm(range(0, n, batch_size), desc="guided", disable=not progress):
+        for lo in bar(range(0, n, batch_size), desc="guided", progress=progress):
             sl = slice(lo, min(lo + batch_size, n))
             B = sl.stop - sl.start
             cond, uncond = pipe.encode_prompt(prompts[sl], device, 1, True)

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm.auto import tqdm
+
+from .progress import bar as progress_bar
 
 TEMPLATES = (
     "a photo of a {}",
@@ -412,7 +413,7 @@ def _train(pipe, pixels, mask_t, token, tokens, superclass, config, loss_fn, row
         gen.set_state(resume["gen"])
         losses, log, start = list(resume["losses"]), json.loads(resume["log"]), int(resume["step"])
 
-    bar = tqdm(range(start, config.steps), desc=f"invert {token}", disable=not progress, initial=start, total=config.steps)
+    bar = progress_bar(range(start, config.steps), desc=f"invert {token}", progress=progress, initial=start, total=config.steps)
     for step in bar:
         idx = rng.integers(0, len(pixels), config.batch_size)
         flip = rng.random(config.batch_size) < config.flip_p

@@ -28,7 +28,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from .progress import bar
 
 Box = tuple[float, float, float, float]
 LAYOUT_TEMPLATES = ("{a} and {b}", "a photo of {a} and {b}", "{a} next to {b}")
@@ -189,7 +190,7 @@ def generate_records(world, jobs: Sequence[Job], path: str | Path, batch_size: i
         return records
     if bad:
         _write_records(path, records)  # without the partial or corrupt lines
-    for i in tqdm(range(0, len(todo), batch_size), desc="layout data", disable=not progress):
+    for i in bar(range(0, len(todo), batch_size), desc="layout data", progress=progress):
         chunk = todo[i:i + batch_size]
         images = world.generate([j.prompt() for j in chunk], seeds=[j.seed for j in chunk], batch_size=batch_size)
         for j, dets in zip(chunk, world.detect(images, threshold)):
@@ -294,7 +295,7 @@ def train_layout_mlp(train: Sequence[dict], features: dict[str, torch.Tensor], s
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     g = torch.Generator().manual_seed(seed)
     losses = []
-    for _ in tqdm(range(steps), desc="layout MLP", disable=not progress):
+    for _ in bar(range(steps), desc="layout MLP", progress=progress):
         k = torch.randint(0, len(a), (batch_size,), generator=g)
         pred = model(F[a[k]], F[b[k]])
         loss = (pred - y[k]).abs().mean()

@@ -18,8 +18,8 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
+from .progress import bar
 from .world import best_box, crop
 
 
@@ -185,7 +185,7 @@ def pair_detection_table(world, pairs: Sequence[tuple[str, str]] | None = None, 
     pairs = list(combinations(world.concepts, 2)) if pairs is None else list(pairs)
     prompts = [pair_prompt(a, b) for a, b in pairs for _ in range(seeds)]
     images = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc="pairs", disable=not progress):
+    for i in bar(range(0, len(prompts), batch_size), desc="pairs", progress=progress):
         images += world.generate(prompts[i:i + batch_size], seed=seed + i, batch_size=batch_size)
     dets = world.detect(images)
     out = {}

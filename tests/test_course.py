@@ -15,14 +15,15 @@ from compinv_utils.course import FindingChanged
 
 def test_claims_stop_the_chapter_unless_in_student_mode():
     strict = Claims(student=False)
-    assert strict(1 + 1 == 2, "arithmetic holds")
+    strict(1 + 1 == 2, "arithmetic holds")
     with pytest.raises(AssertionError, match="finding changed: the moon is cheese.*COMPINV_STUDENT=1"):
         strict(False, "the moon is cheese")
     student = Claims(student=True)
     with pytest.warns(FindingChanged, match="the moon is cheese"):
-        assert student(False, "the moon is cheese") is False
-    assert student(True, "water is wet")
+        student(False, "the moon is cheese")
+    student(True, "water is wet")
     assert student.summary() == "1 finding(s) held; 1 changed: the moon is cheese"
+    assert strict.held == ["arithmetic holds"] and student.changed == ["the moon is cheese"]
 
 
 def test_student_mode_from_the_environment(monkeypatch):
@@ -184,3 +185,13 @@ def test_pair_table_cache_is_reused_and_refreshed_when_stale(toy_world, tmp_path
     M.load_or_compute_pair_table(toy_world, path, nouns, seeds=2)  # other seeds: recomputed, the old file kept
     assert json.loads(path.read_text())["seeds"] == 2
     assert json.loads(path.with_suffix(".old.json").read_text())["seeds"] == 1
+
+
+def test_progress_bars_hide_in_headless_runs(monkeypatch):
+    from compinv_utils.progress import bar
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    assert not bar(range(3), progress=True).disable
+    assert bar(range(3), progress=False).disable
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert bar(range(3), progress=True).disable
