@@ -1,14 +1,19 @@
 # make tutorial : set up .venv and run every notebook headless in the toy world (no progress bars in the saved outputs)
 # make lab      : set up .venv and open JupyterLab on the notebooks
-# make test     : set up .venv and run the tests (helpers and notebooks)
+# make test     : set up .venv and run the tests (notebooks stripped, helpers, site, notebooks)
+# make site     : set up .venv and render the executed chapters (saved outputs, never run) as HTML in build/site
+# make check-stripped : fail if a notebook carries volatile metadata (`make strip` fixes it)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# `make site`: Sphinx with myst-nb, configured in docs/conf.py; tests/test_site.py runs the same arguments.
+SITE ?= build/site
+SITE_ARGS := -b html -W --keep-going -E -c docs .
 
-.PHONY: install lab tutorial test test-fast test-slow toy-world evaluate-world strip clean
+.PHONY: install lab tutorial test test-fast test-slow toy-world evaluate-world strip check-stripped site clean
 
 install: $(STAMP)
 
@@ -16,7 +21,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[lab]'
+	$(BIN)/pip install -q -e '.[lab,docs]'
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
@@ -31,7 +36,7 @@ tutorial: install
 	$(BIN)/nbstripout --keep-output --keep-count --extra-keys 'metadata.language_info' notebooks/*.ipynb
 	@echo "All chapters ran; outputs are in notebooks/."
 
-test: install
+test: install check-stripped
 	$(BIN)/python -m pytest -q tests
 	$(BIN)/python -m pytest -q --nbval-lax --nbval-current-env notebooks/
 
@@ -49,6 +54,14 @@ evaluate-world: install
 
 strip:
 	$(BIN)/nbstripout --keep-output --keep-count --extra-keys 'metadata.language_info' notebooks/*.ipynb
+
+check-stripped: install
+	@$(BIN)/nbstripout --verify --keep-output --keep-count --extra-keys 'metadata.language_info' notebooks/*.ipynb \
+		|| { echo "Notebooks above carry volatile metadata: run 'make strip' and commit them."; exit 1; }
+
+site: install
+	$(BIN)/python -m sphinx $(SITE_ARGS) $(SITE)
+	@echo "Open $(SITE)/index.html"
 
 clean:
 	rm -rf $(VENV) .pytest_cache
