@@ -1,11 +1,21 @@
 """Cross-attention capture through diffusers attention processors.
 
-:func:`attention_store` swaps the UNet's cross-attention processors (``attn2``) for
-:class:`StoreProcessor` for the duration of a ``with`` block and restores the originals on exit,
-also after an exception. Self-attention keeps its fused processor. Each processor computes the
-attention probabilities explicitly, so they can be kept (and differentiated, for guidance), and
-records into an explicit :class:`AttentionStore`, keyed by denoising step (one UNet call = one step)
-and layer:
+:func:`attention_store` wraps each of the UNet's cross-attention processors (``attn2``) in a
+:class:`StoreProcessor` for the duration of a ``with`` block and puts the original processor objects
+back on exit (the same objects, also after an exception). Self-attention keeps its processor. The
+wrapper computes the attention probabilities explicitly, so they can be kept (and differentiated, for
+guidance), and records into an explicit :class:`AttentionStore`, keyed by denoising step (one UNet
+call = one step) and layer. Which computation gives the layer's output:
+
+- diffusers' default processors (``AttnProcessor``, ``AttnProcessor2_0``): the wrapper computes the
+  attention itself, the same way this module always has (the chapters' cached numbers depend on it);
+- any other processor (e.g. Custom Diffusion's ``CustomDiffusionAttnProcessor(2_0)``): the layer's
+  output is that processor's own output, and the recorded probabilities use its projections — its
+  ``to_k_custom_diffusion`` when it trains key/value (``train_kv``) and its ``to_q_custom_diffusion``
+  when it trains the query (``train_q_out``); the layer's ``to_q``/``to_k`` otherwise. A processor with
+  other projections can say so with a method ``attention_projections(attn) -> (to_q, to_k)``.
+
+What is recorded:
 
 - ``maps[step][layer]``: attention probabilities, ``(B, HW, T)`` averaged over heads
   (``(B, heads, HW, T)`` with ``average_heads=False``);
@@ -123,14 +133,43 @@ def cond_half(n_prompts: int) -> slice:
     return slice(n_prompts, 2 * n_prompts)
 
 
-class StoreProcessor:
-    """A cross-attention processor that computes the probabilities explicitly and records them."""
+def _default_processor_types() -> tuple[type, ...]:
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    def __init__(self, store: AttentionStore, layer: str):
+    return AttnProcessor, AttnProcessor2_0
+
+
+def attention_projections(processor, attn) -> tuple:
+    """The query and key projections ``processor`` applies in layer ``attn``: a processor's own
+    ``attention_projections(attn)`` when it has one; Custom Diffusion's ``to_q_custom_diffusion`` (when
+    ``train_q_out``) and ``to_k_custom_diffusion`` (when ``train_kv``); else the layer's ``to_q``/``to_k``."""
+    own = getattr(processor, "attention_projections", None)
+    if callable(own):
+        return own(attn)
+    to_q = processor.to_q_custom_diffusion if getattr(processor, "train_q_out", False) and hasattr(
+        processor, "to_q_custom_diffusion") else attn.to_q
+    to_k = processor.to_k_custom_diffusion if getattr(processor, "train_kv", False) and hasattr(
+        processor, "to_k_custom_diffusion") else attn.to_k
+    return to_q, to_k
+
+
+class StoreProcessor:
+    """Wraps a cross-attention processor (``inner``): computes the probabilities explicitly and records them.
+
+    ``inner=None`` or one of diffusers' default processors: the attention is computed here (as this module
+    always has). Any other processor: the output is ``inner``'s own and the recorded probabilities use its
+    projections (:func:`attention_projections`)."""
+
+    def __init__(self, store: AttentionStore, layer: str, inner=None):
         self.store = store
         self.layer = layer
+        self.inner = inner
+        self.default = inner is None or type(inner) in _default_processor_types()
+        self._inner_keys = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if not self.default:
+            return self._wrapped(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -173,6 +212,58 @@ class StoreProcessor:
             out = out + residual
         return out / attn.rescale_output_factor
 
+    def _call_inner(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs):
+        """The wrapped processor's own output; keyword arguments it does not take are left out (as diffusers'
+        ``Attention.forward`` does for a processor's signature)."""
+        import inspect
+
+        if self._inner_keys is None:
+            params = inspect.signature(self.inner.__call__).parameters.values()
+            self._inner_keys = (None if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+                                else {p.name for p in params})
+        extra = dict(kwargs)
+        if temb is not None:
+            extra["temb"] = temb
+        if self._inner_keys is not None:
+            extra = {k: v for k, v in extra.items() if k in self._inner_keys}
+        return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                          attention_mask=attention_mask, **extra)
+
+    def _wrapped(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs):
+        out = self._call_inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
+        if not self.store.enabled:
+            return out
+        x = hidden_states
+        if attn.spatial_norm is not None:
+            x = attn.spatial_norm(x, temb)
+        if x.ndim == 4:
+            b, c, h, w = x.shape
+            x = x.view(b, c, h * w).transpose(1, 2)
+            hw = (h, w)
+        else:
+            hw = self.store.latent_hw(x.shape[1])
+        if not self.store.wants(hw[0]):
+            return out
+        batch, n_queries, _ = x.shape
+        context = x if encoder_hidden_states is None else encoder_hidden_states
+        if attn.norm_cross and encoder_hidden_states is not None:
+            context = attn.norm_encoder_hidden_states(context)
+        mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+        if attn.group_norm is not None:
+            x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
+        to_q, to_k = attention_projections(self.inner, attn)
+        dtype = attn.to_q.weight.dtype
+        q = attn.head_to_batch_dim(to_q(x.to(to_q.weight.dtype)).to(dtype))  # (B*heads, HW, d)
+        k = attn.head_to_batch_dim(to_k(context.to(to_k.weight.dtype)).to(dtype))  # (B*heads, T, d)
+        logits = torch.bmm(q, k.transpose(1, 2)) * attn.scale
+        if mask is not None:
+            logits = logits + mask
+        probs = logits.softmax(-1)
+        heads = attn.heads
+        self.store.record(self.layer, hw, probs.view(batch, heads, n_queries, -1),
+                          logits.view(batch, heads, n_queries, -1).float().mean((1, 2)))
+        return out
+
 
 def cross_attention_layers(unet) -> list[str]:
     return [name for name in unet.attn_processors if name.endswith("attn2.processor")]
@@ -182,7 +273,9 @@ def cross_attention_layers(unet) -> list[str]:
 def attention_store(unet, store: AttentionStore | None = None):
     """Record cross-attention of every UNet call inside the block into ``store`` (a new one if None).
 
-    The UNet's processors are restored on exit, also after an exception. The store is reset on entry.
+    Each cross-attention processor is wrapped (:class:`StoreProcessor`), so a model's own processors (Custom
+    Diffusion's, say) keep computing its output. The original processor objects are put back on exit, also
+    after an exception. The store is reset on entry.
     """
     store = store if store is not None else AttentionStore()
     store.reset()
@@ -196,7 +289,7 @@ def attention_store(unet, store: AttentionStore | None = None):
         store.sample_hw = tuple(sample.shape[-2:])
         store.step += 1
 
-    procs = {name: (StoreProcessor(store, name) if name in layers else proc) for name, proc in saved.items()}
+    procs = {name: (StoreProcessor(store, name, proc) if name in layers else proc) for name, proc in saved.items()}
     unet.set_attn_processor(procs)
     handle = unet.register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:

@@ -39,6 +39,7 @@ from .files import write_text
 from . import metrics as M
 from .guidance import GuidanceConfig, guided_generate
 from .inversion import load_embedding, unload
+from .methods import get_method
 from .progress import bar
 
 # method -> (which inversion, guided?)
@@ -74,6 +75,12 @@ def inversion_file(root: str | Path, name: str, seed: int) -> Path:
     return Path(root) / f"seed{seed}" / name / "learned_embeds.safetensors"
 
 
+def inversion_folder(root: str | Path, name: str, seed: int) -> Path:
+    """The folder of that inversion: what :meth:`compinv_utils.methods.InversionMethod.save` writes and ``load``
+    reads (for textual inversion, the folder of :func:`inversion_file`)."""
+    return inversion_file(root, name, seed).parent
+
+
 def _group_key(setting: str, method: str, names: Sequence[str], inv_seed: int) -> str:
     return f"{setting}|{method}|{'+'.join(names)}|seed{inv_seed}"
 
@@ -81,11 +88,22 @@ def _group_key(setting: str, method: str, names: Sequence[str], inv_seed: int) -
 def evaluate_group(world, setting: str, method: str, concepts: Sequence, partners: Sequence[str], seeds: int,
                    inversions: dict, inv_seed: int = 0, layouts: Layouts | None = None,
                    guidance: GuidanceConfig = GuidanceConfig(), batch_size: int = 16,
-                   images_out: list | None = None) -> list[dict]:
+                   images_out: list | None = None, inversion_method: str = "ti") -> list[dict]:
     """The records of one concept (``setting="noun"``, one prompt per partner and seed) or one pair of
     concepts (``setting="concept"``, one prompt per seed) under one method, with the concepts' inversions
     of seed ``inv_seed``. ``inversions`` maps "plain" and "semantic" to the folders that hold them
-    (:func:`inversion_file`). The images are appended to ``images_out`` when it is given."""
+    (:func:`inversion_folder`). The images are appended to ``images_out`` when it is given.
+
+    ``inversion_method``: which inversion method (:mod:`compinv_utils.methods`) made the concepts: ``"ti"``
+    (textual inversion, the default), ``"custom_diffusion"`` or ``"dreambooth"``; its ``load``/``unload`` put each
+    concept into the world's pipeline and restore it. Records of a method other than TI say which in
+    ``"inversion_method"``. Composing two Custom Diffusion or DreamBooth concepts needs one model trained on
+    both (the paper's multi-concept runs), which these folders do not hold, so ``setting="concept"`` is
+    refused for them."""
+    inv = get_method(inversion_method)
+    if inv.name != "ti" and setting == "concept":
+        raise ValueError(f"two {inv.name} concepts cannot be loaded into one pipeline (each brings its own model "
+                         "weights); the concept setting needs a jointly trained model")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
     if setting not in ("noun", "concept"):
@@ -100,10 +118,12 @@ def evaluate_group(world, setting: str, method: str, concepts: Sequence, partner
     for c, path in zip(concepts, paths):
         if not path.exists():
             raise FileNotFoundError(f"no {which} inversion of {c.name} with seed {inv_seed} at {path}: "
-                                    "run chapter 01 (plain) or 03 (semantic) first")
-    for path in paths:
-        load_embedding(pipe, path)  # replaces any embedding of the same token
+                                    + ("run chapter 01 (plain) or 03 (semantic) first" if inv.name == "ti" else
+                                       f"fit and save it with get_method({inv.name!r})"))
+    handles = []
     try:
+        for path in paths:
+            handles.append(inv.load(pipe, path.parent))  # replaces any embedding of the same token
         if setting == "noun":
             (c,) = concepts
             world.check_nouns(partners)
@@ -134,6 +154,8 @@ def evaluate_group(world, setting: str, method: str, concepts: Sequence, partner
             warnings.simplefilter("ignore", RuntimeWarning)
             obj = np.nanmean(obj, 0)
     finally:
+        for h in reversed(handles):
+            inv.unload(pipe, h)
         for c in concepts:
             unload(pipe, c.token)
     records = []
@@ -143,20 +165,28 @@ def evaluate_group(world, setting: str, method: str, concepts: Sequence, partner
                         "objects": objects[k], "found": [float(M.found(d, o)) for o in objects[k]],
                         "text_alignment": float(text[k]), "image_alignment": float(img[k]),
                         "object_alignment": None if np.isnan(obj[k]) else float(obj[k])})
+        if inv.name != "ti":
+            records[-1]["inversion_method"] = inv.name
     return records
 
 
 def table1(world, partners_for, inversions: dict, layouts: Layouts, inv_seeds: Sequence[int] = (0, 1, 2),
            seeds: int = 2, pair_seeds: int = 2, methods: Sequence[str] = tuple(METHODS), concepts=None,
            cache: str | Path | None = None, guidance: GuidanceConfig = GuidanceConfig(),
-           progress: bool = True) -> list[dict]:
+           progress: bool = True, inversion_method: str = "ti") -> list[dict]:
     """Every record of Table 1: each concept (and pair of concepts) under each method, once per inversion
     seed. ``partners_for(concept)`` gives a concept's partner nouns. With ``cache`` (a JSON file),
     finished groups are read from it and each new group is written as soon as it is done, so an
-    interrupted run resumes where it stopped; a cache made with other settings is refused."""
+    interrupted run resumes where it stopped; a cache made with other settings is refused.
+
+    ``inversion_method``: the block of Table 1 (``"ti"``, ``"custom_diffusion"``, ``"dreambooth"``; see
+    :func:`evaluate_group`). The methods other than TI have the noun setting only (no pairs of concepts)."""
+    inv = get_method(inversion_method)
     concepts = list(world.concepts_of_interest if concepts is None else concepts)
     settings = {"seeds": seeds, "pair_seeds": pair_seeds, "guidance": asdict(guidance),
                 "inversions": {k: "/".join(Path(v).resolve().parts[-2:]) for k, v in sorted(inversions.items())}}
+    if inv.name != "ti":  # TI's caches keep the settings they were made with
+        settings["inversion_method"] = inv.name
     cache = Path(cache) if cache is not None else None
     done: dict[str, list[dict]] = {}
     if cache is not None and cache.exists():
@@ -169,14 +199,16 @@ def table1(world, partners_for, inversions: dict, layouts: Layouts, inv_seeds: S
             raise ValueError(f"{cache} was made with other settings ({made_with}), not {settings}; "
                              "delete it or pass another cache file")
     groups = [("noun", m, (c,), s) for m in methods for c in concepts for s in inv_seeds]
-    groups += [("concept", m, pair, s) for m in methods for pair in concept_pairs(world, concepts) for s in inv_seeds]
+    if inv.name == "ti":
+        groups += [("concept", m, pair, s) for m in methods for pair in concept_pairs(world, concepts)
+                   for s in inv_seeds]
     for setting, method, cs, s in bar(groups, desc="Table 1", progress=progress):
         key = _group_key(setting, method, [c.name for c in cs], s)
         if key in done:
             continue
         partners = partners_for(cs[0]) if setting == "noun" else []
         done[key] = evaluate_group(world, setting, method, cs, partners, seeds if setting == "noun" else pair_seeds,
-                                   inversions, s, layouts, guidance)
+                                   inversions, s, layouts, guidance, inversion_method=inv.name)
         if cache is not None:
             write_text(cache, json.dumps({"settings": settings, "groups": done}, indent=0))
     return [r for st, m, cs, s in groups for r in done[_group_key(st, m, [c.name for c in cs], s)]]

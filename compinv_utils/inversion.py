@@ -8,6 +8,10 @@ superclass word, and only those rows are optimised to denoise the user photos un
 
 Saved embeddings are ``{token: (n_vectors, D)}`` safetensors files that
 ``StableDiffusionPipeline.load_textual_inversion`` reads.
+
+The same loop also trains model weights alongside the rows and adds a prior-preservation batch
+(:func:`invert_with` with :class:`TrainExtras`): Custom Diffusion and DreamBooth in
+:mod:`compinv_utils.methods`. Without extras it is textual inversion, unchanged.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ TEMPLATES = (
     "a photo of a small {}",
 )
 
-# loss_fn(rec_loss, new_embeddings (n_vectors, D) float32, step) -> total loss
+# loss_fn(rec_loss, new_embeddings (n_vectors, D) float32, step) -> total loss. A hook that also takes a keyword
+# ``params`` (or ``**kwargs``) receives ``{"token": rows, **model weights being trained}`` (see :func:`bind_loss_fn`).
 LossFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
@@ -69,6 +74,42 @@ class InversionResult:
     def save(self, path: str | Path) -> Path:
         """Write ``{token: (n, D)}`` safetensors in the format ``load_textual_inversion`` reads."""
         return save_embedding(path, self.token, self.embeddings)
+
+
+@dataclass
+class TrainExtras:
+    """What a method trains besides the token rows (Custom Diffusion, DreamBooth), for :func:`invert_with`.
+
+    ``params``: named model weights optimised alongside the rows (their own AdamW group with ``lr`` and
+    ``weight_decay``); they are made trainable after the loop has frozen the pipeline. ``max_grad_norm``:
+    clip the gradient norm of rows and weights together (None: no clipping). ``prior_pixels``: class
+    images ``(N, 3, H, W)`` in [-1, 1] for the prior-preservation loss (DreamBooth's): each step adds
+    ``prior_batch_size`` of them, captioned ``prior_prompt``, to the same UNet call, and the loss becomes
+    ``loss_fn(rec, rows, step) + prior_weight · L_prior`` with ``L_prior`` their denoising MSE."""
+
+    params: dict = field(default_factory=dict)
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None
+    prior_pixels: torch.Tensor | None = None
+    prior_prompt: str = ""
+    prior_weight: float = 1.0
+    prior_batch_size: int = 1
+
+
+def bind_loss_fn(loss_fn, params: dict) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
+    """``loss_fn`` as ``(rec, rows, step) -> loss``: called with ``params=`` (name -> trained tensor, ``"token"``
+    for the rows) as well when it accepts a ``params`` keyword or ``**kwargs``;
+    :class:`~compinv_utils.anchors.AnchorLoss` and :class:`~compinv_utils.anchors.OfficialAnchorLoss` take the
+    three positional arguments only and are called as they are."""
+    try:
+        sig = inspect.signature(loss_fn)
+        wants = any(p.name == "params" or p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+    except (TypeError, ValueError):
+        wants = False
+    if not wants:
+        return loss_fn
+    return lambda rec, rows, step: loss_fn(rec, rows, step, params=params)
 
 
 def placeholder_tokens(token: str, num_vectors: int) -> list[str]:
@@ -334,6 +375,19 @@ def invert(pipe, photos: Sequence[Image.Image], token: str, superclass: str, con
     resume from the last checkpoint when one exists for this token; a checkpoint made from other photos,
     superclass, loss, masks or settings is refused.
     """
+    return invert_with(pipe, photos, token, superclass, config, loss_fn, masks, checkpoint_dir, progress)
+
+
+def invert_with(pipe, photos: Sequence[Image.Image], token: str, superclass: str, config: InversionConfig,
+                loss_fn: LossFn | None = None, masks: Sequence[np.ndarray] | None = None,
+                checkpoint_dir: str | Path | None = None, progress: bool = True,
+                extras: TrainExtras | None = None) -> InversionResult:
+    """:func:`invert`, optionally training model weights and adding a prior-preservation batch (``extras``;
+    used by :mod:`compinv_utils.methods`). With ``extras=None`` this is exactly :func:`invert`. Checkpoints
+    hold the token rows only, so ``checkpoint_dir`` needs ``extras=None``."""
+    if extras is not None and checkpoint_dir:
+        raise ValueError("checkpoints hold the token rows only: checkpoint_dir cannot be used when model weights are "
+                         "trained too")
     check_config(config)
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(rec, embeddings, step), got {type(loss_fn).__name__}")
@@ -362,7 +416,7 @@ def invert(pipe, photos: Sequence[Image.Image], token: str, superclass: str, con
         rows = torch.nn.Parameter(emb.weight[ids].detach().float().clone())
         handle = emb.register_forward_hook(_InjectRows(ids, rows))
         result = _train(pipe, pixels, mask_t, token, tokens, superclass, config, loss_fn, rows, ckpt, made_from,
-                        resume, progress)
+                        resume, progress, extras)
         with torch.no_grad():
             emb.weight[ids] = rows.detach().to(emb.weight.dtype)
         result.embeddings = emb.weight[ids].detach().float().cpu().clone()
@@ -380,15 +434,29 @@ def invert(pipe, photos: Sequence[Image.Image], token: str, superclass: str, con
 
 
 def _train(pipe, pixels, mask_t, token, tokens, superclass, config, loss_fn, rows, ckpt, made_from, resume,
-           progress) -> InversionResult:
-    """The optimisation loop of :func:`invert` (the hook that injects ``rows`` is in place)."""
+           progress, extras: TrainExtras | None = None) -> InversionResult:
+    """The optimisation loop of :func:`invert` (the hook that injects ``rows`` is in place). ``extras``: model
+    weights trained alongside and a prior-preservation batch (:class:`TrainExtras`); None is textual inversion."""
     from .files import torch_save
 
     device = pipe.unet.device
     te, unet, vae = pipe.text_encoder, pipe.unet, pipe.vae
     for m in (te, unet, vae):
         m.requires_grad_(False)
-    opt = torch.optim.AdamW([rows], lr=config.lr, weight_decay=config.weight_decay)
+    if extras is None:
+        opt = torch.optim.AdamW([rows], lr=config.lr, weight_decay=config.weight_decay)
+        weights: list = []
+    else:
+        weights = list(extras.params.values())
+        for w in weights:
+            w.requires_grad_(True)
+        groups = [{"params": [rows], "lr": config.lr, "weight_decay": config.weight_decay}]
+        if weights:
+            groups.append({"params": weights, "lr": extras.lr, "weight_decay": extras.weight_decay})
+        opt = torch.optim.AdamW(groups)
+    params = {"token": rows, **(extras.params if extras is not None else {})}
+    hook = None if loss_fn is None else bind_loss_fn(loss_fn, params)
+    prior = extras if extras is not None and extras.prior_pixels is not None else None
 
     with torch.no_grad():
         dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
@@ -399,6 +467,14 @@ def _train(pipe, pixels, mask_t, token, tokens, superclass, config, loss_fn, row
     alphas = sched.alphas_cumprod.to(device)
     n_train = sched.config.num_train_timesteps
     word = " ".join(tokens) + (f" {superclass}" if config.with_superclass else "")
+    if prior is not None:
+        with torch.no_grad():
+            pdist = vae.encode(prior.prior_pixels.to(device, vae.dtype)).latent_dist
+            p_mean, p_std = pdist.mean.float(), pdist.std.float()
+            p_mean_f = vae.encode(prior.prior_pixels.flip(-1).to(device, vae.dtype)).latent_dist.mean.float()
+        p_ids = pipe.tokenizer([prior.prior_prompt] * prior.prior_batch_size, padding="max_length",
+                               max_length=pipe.tokenizer.model_max_length, truncation=True,
+                               return_tensors="pt").input_ids.to(device)
 
     rng = np.random.default_rng(config.seed)
     gen = torch.Generator(device).manual_seed(config.seed)
@@ -429,8 +505,25 @@ def _train(pipe, pixels, mask_t, token, tokens, superclass, config, loss_fn, row
         t = torch.randint(0, n_train, (len(z0),), generator=gen, device=device)
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        cond = te(ids_t)[0]
-        pred = unet(zt.to(unet.dtype), t, cond.to(unet.dtype)).sample.float()
+        if prior is None:
+            cond = te(ids_t)[0]
+            pred = unet(zt.to(unet.dtype), t, cond.to(unet.dtype)).sample.float()
+        else:  # the class images join the same UNet call, as in diffusers' DreamBooth example
+            pb = prior.prior_batch_size
+            pidx = torch.from_numpy(rng.integers(0, len(p_mean), pb)).to(device)
+            pflip = torch.from_numpy(rng.random(pb) < config.flip_p).to(device)[:, None, None, None]
+            pm = torch.where(pflip, p_mean_f[pidx], p_mean[pidx])
+            ps = torch.where(pflip, p_std[pidx].flip(-1), p_std[pidx])
+            pz0 = (pm + ps * torch.randn(pm.shape, generator=gen, device=device)) * sf
+            pnoise = torch.randn(pz0.shape, generator=gen, device=device)
+            pt = torch.randint(0, n_train, (pb,), generator=gen, device=device)
+            pa = alphas[pt].view(-1, 1, 1, 1)
+            pzt = pa.sqrt() * pz0 + (1 - pa).sqrt() * pnoise
+            cond = te(torch.cat([ids_t, p_ids]))[0]
+            both = unet(torch.cat([zt, pzt]).to(unet.dtype), torch.cat([t, pt]), cond.to(unet.dtype)).sample.float()
+            pred, ppred = both[:len(zt)], both[len(zt):]
+            ptarget = pnoise if sched.config.prediction_type == "epsilon" else sched.get_velocity(pz0, pnoise, pt)
+            prior_loss = F.mse_loss(ppred, ptarget)
         target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
         err = (pred - target) ** 2
         if mask_t is not None:
@@ -439,7 +532,9 @@ def _train(pipe, pixels, mask_t, token, tokens, superclass, config, loss_fn, row
             rec = (err * m).sum() / (m.sum() * err.shape[1]).clamp(min=1e-6)
         else:
             rec = err.mean()
-        loss = rec if loss_fn is None else loss_fn(rec, rows, step)
+        loss = rec if hook is None else hook(rec, rows, step)
+        if prior is not None:
+            loss = loss + prior.prior_weight * prior_loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the inversion loss became {loss.item()} at step {step}; lower the learning rate "
                                      f"(now {config.lr})" + (f"; the last good embedding is in {ckpt}" if ckpt else ""))
@@ -448,9 +543,20 @@ def _train(pipe, pixels, mask_t, token, tokens, superclass, config, loss_fn, row
         if rows.grad is not None and not torch.isfinite(rows.grad).all():
             raise FloatingPointError(f"the gradient of the embedding overflowed at step {step} (the model runs in "
                                      f"{te.dtype}); lower the learning rate or invert in float32")
+        if weights:
+            if not all(bool(torch.isfinite(w.grad).all()) for w in weights if w.grad is not None):
+                raise FloatingPointError(f"the gradient of the trained model weights overflowed at step {step}; "
+                                         "lower the learning rate or train in float32")
+            if extras.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_([rows, *weights], extras.max_grad_norm)
         opt.step()
         losses.append(float(loss.item()))
-        if loss_fn is not None and hasattr(loss_fn, "last_log"):
+        if extras is not None:
+            entry = {"step": step, "rec": float(rec.item())}
+            if prior is not None:
+                entry["prior"] = float(prior_loss.item())
+            log.append(entry | dict(getattr(loss_fn, "last_log", None) or {}))
+        elif loss_fn is not None and hasattr(loss_fn, "last_log"):
             log.append(dict(step=step, **loss_fn.last_log))
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
