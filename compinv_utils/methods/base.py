@@ -208,6 +208,19 @@ def load_token(pipe, folder: Path) -> str:
     return token
 
 
+def finish_load(pipe, folder: Path, handle: Handle, check=None) -> Handle:
+    """The last part of every method's ``load``: ``check()`` (when given), then the token from ``folder``; on any
+    failure the pipeline is put back as it was (:func:`restore`) and the error re-raised."""
+    try:
+        if check is not None:
+            check()
+        handle.token = load_token(pipe, folder)
+    except BaseException:
+        restore(pipe, handle)
+        raise
+    return handle
+
+
 def restore(pipe, handle: Handle) -> None:
     """Put back what ``handle`` recorded and remove its placeholder (safe to call twice)."""
     if handle.unet is not None and pipe.unet is not handle.unet:

@@ -42,7 +42,7 @@ import torch
 
 from ..inversion import TrainExtras, invert_with
 from .base import (EMBEDDING_FILE, FineTuneConfig, Fitted, Handle, check_finetune_config, check_free, check_info,
-                   class_pixels, class_prompt, load_token, resolve_config, restore, write_info)
+                   class_pixels, class_prompt, finish_load, resolve_config, restore, write_info)
 
 WEIGHT_NAME = "pytorch_custom_diffusion_weights.safetensors"  # diffusers' CUSTOM_DIFFUSION_WEIGHT_NAME_SAFE
 
@@ -174,17 +174,12 @@ class CustomDiffusion:
         unet = pipe.unet
         original = dict(unet.attn_processors)
         unet.load_attn_procs(str(folder), weight_name=WEIGHT_NAME, _pipeline=pipe)
-        handle = Handle("", processors=original)
-        try:
-            loaded = unet.attn_processors
-            if not any(isinstance(p, custom_diffusion_types()) for p in loaded.values()):
+        def check():
+            if not any(isinstance(p, custom_diffusion_types()) for p in unet.attn_processors.values()):
                 raise RuntimeError(f"diffusers' load_attn_procs did not install the processors of {folder} "
                                    "(diffusers issue #9320)")
-            handle.token = load_token(pipe, folder)
-        except BaseException:
-            restore(pipe, handle)
-            raise
-        return handle
+
+        return finish_load(pipe, folder, Handle("", processors=original), check)
 
     def unload(self, pipe, handle: Handle) -> None:
         restore(pipe, handle)

@@ -34,7 +34,7 @@ import torch
 
 from ..inversion import TrainExtras, invert_with
 from .base import (EMBEDDING_FILE, FineTuneConfig, Fitted, Handle, check_finetune_config, check_free, check_info,
-                   class_pixels, class_prompt, load_token, resolve_config, restore, write_info)
+                   class_pixels, class_prompt, finish_load, resolve_config, restore, write_info)
 
 UNET_FOLDER = "unet"
 DREAMBOOTH_LAMBDA = 0.6  # L_rec 0.4 / L_anc 0.6 (the reading of the paper)
@@ -110,14 +110,8 @@ class DreamBooth:
         original = pipe.unet
         with quiet_loading():
             unet = UNet2DConditionModel.from_pretrained(folder / UNET_FOLDER, torch_dtype=original.dtype)
-        handle = Handle("", unet=original)
         pipe.unet = unet.to(original.device).eval()
-        try:
-            handle.token = load_token(pipe, folder)
-        except BaseException:
-            restore(pipe, handle)
-            raise
-        return handle
+        return finish_load(pipe, folder, Handle("", unet=original))
 
     def unload(self, pipe, handle: Handle) -> None:
         restore(pipe, handle)
