@@ -153,6 +153,26 @@ def attention_projections(processor, attn) -> tuple:
     return to_q, to_k
 
 
+def _attention_inputs(attn, hidden_states, encoder_hidden_states, attention_mask, temb):
+    """What diffusers' attention processors do before the projections (spatial norm, flattening a 4-D input,
+    the context and its norm, the mask, group norm). Returns the queries' input ``(B, HW, C)``, the context,
+    the prepared mask and the 4-D input's shape (None for a 3-D input)."""
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    shape = None
+    if hidden_states.ndim == 4:
+        shape = tuple(hidden_states.shape)
+        b, c, h, w = shape
+        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    if attn.norm_cross and encoder_hidden_states is not None:
+        context = attn.norm_encoder_hidden_states(context)
+    mask = attn.prepare_attention_mask(attention_mask, context.shape[1], hidden_states.shape[0])
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    return hidden_states, context, mask, shape
+
+
 class StoreProcessor:
     """Wraps a cross-attention processor (``inner``): computes the probabilities explicitly and records them.
 
@@ -171,19 +191,12 @@ class StoreProcessor:
         if not self.default:
             return self._wrapped(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        four_d = hidden_states.ndim == 4
-        if four_d:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        hidden_states, context, attention_mask, shape = _attention_inputs(attn, hidden_states, encoder_hidden_states,
+                                                                          attention_mask, temb)
         batch, n_queries, _ = hidden_states.shape
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        if attn.norm_cross and encoder_hidden_states is not None:
-            context = attn.norm_encoder_hidden_states(context)
-        attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        four_d = shape is not None
+        if four_d:
+            b, c, h, w = shape
 
         q = attn.head_to_batch_dim(attn.to_q(hidden_states))  # (B*heads, HW, d)
         k = attn.head_to_batch_dim(attn.to_k(context))  # (B*heads, T, d)
@@ -233,24 +246,11 @@ class StoreProcessor:
         out = self._call_inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
         if not self.store.enabled:
             return out
-        x = hidden_states
-        if attn.spatial_norm is not None:
-            x = attn.spatial_norm(x, temb)
-        if x.ndim == 4:
-            b, c, h, w = x.shape
-            x = x.view(b, c, h * w).transpose(1, 2)
-            hw = (h, w)
-        else:
-            hw = self.store.latent_hw(x.shape[1])
+        x, context, mask, shape = _attention_inputs(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        batch, n_queries, _ = x.shape
+        hw = tuple(shape[2:]) if shape is not None else self.store.latent_hw(n_queries)
         if not self.store.wants(hw[0]):
             return out
-        batch, n_queries, _ = x.shape
-        context = x if encoder_hidden_states is None else encoder_hidden_states
-        if attn.norm_cross and encoder_hidden_states is not None:
-            context = attn.norm_encoder_hidden_states(context)
-        mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
-        if attn.group_norm is not None:
-            x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
         to_q, to_k = attention_projections(self.inner, attn)
         dtype = attn.to_q.weight.dtype
         q = attn.head_to_batch_dim(to_q(x.to(to_q.weight.dtype)).to(dtype))  # (B*heads, HW, d)
