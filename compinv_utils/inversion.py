@@ -391,7 +391,6 @@ def invert_with(pipe, photos: Sequence[Image.Image], token: str, superclass: str
     check_config(config)
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(rec, embeddings, step), got {type(loss_fn).__name__}")
-    device = pipe.unet.device
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     pixels = prepare_photos(photos, size)
     mask_t = None if masks is None else _prepare_masks(masks, len(pixels), pipe.unet.config.sample_size)

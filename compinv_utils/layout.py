@@ -19,7 +19,6 @@ process merges them.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
