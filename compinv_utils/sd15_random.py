@@ -127,10 +127,7 @@ def load_sd15_random_world(concepts_dir: str | Path | None = None, device: str |
 
     It proves the sd15 code path offline; a finding measured on random weights means nothing.
     """
-    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
-
     from . import world as W
-    from .toy.models import ToyDetector
 
     if isinstance(latent_size, bool) or not isinstance(latent_size, int) or latent_size < 1:
         raise ValueError(f"latent_size must be an integer >= 1 (images are 8x it), got {latent_size!r}")
@@ -143,10 +140,7 @@ def load_sd15_random_world(concepts_dir: str | Path | None = None, device: str |
     with torch.random.fork_rng(devices=[]), W.quiet_loading():
         pipe = sd15_pipeline(width, seed, sample_size=latent_size)
         pipe = pipe.to(dev) if dtype == torch.float32 else pipe.to(dev, dtype)
-        clip = W._load_part(CLIPModel, root / "clip", dtype=dtype).to(dev).eval()
-        det = W._load_part(ToyDetector, root / "detector").to(dev).eval()
-        clip_tokenizer = CLIPTokenizer.from_pretrained(root / "clip")
-        clip_processor = CLIPImageProcessor.from_pretrained(root / "clip")
+        clip, clip_tokenizer, clip_processor, det = W.toy_measures(root, dev, dtype)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     coi = W.sd15_concepts(concepts_dir, size=size) if concepts_dir else []
     nouns = list(NOUNS)

@@ -322,6 +322,19 @@ def _load_part(cls, folder: Path, **kwargs):
                            "(git checkout -- data/toy) or rebuild it with `make toy-world`") from exc
 
 
+def toy_measures(root: Path, device: torch.device, dtype: torch.dtype):
+    """The toy world's measuring models from ``root``: its CLIP (model, tokenizer, image processor) and its
+    detector, loaded quietly onto ``device``."""
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    from .toy.models import ToyDetector
+
+    with quiet_loading():
+        clip = _load_part(CLIPModel, root / "clip", dtype=dtype).to(device).eval()
+        det = _load_part(ToyDetector, root / "detector").to(device).eval()
+        return clip, CLIPTokenizer.from_pretrained(root / "clip"), CLIPImageProcessor.from_pretrained(root / "clip"), det
+
+
 def _device(device, default: str | None) -> tuple[torch.device, torch.dtype]:
     """The device asked for (argument, else ``$COMPINV_DEVICE``, else ``default``, else CUDA when available), and
     its dtype (fp16 on CUDA, fp32 elsewhere)."""
@@ -338,10 +351,8 @@ def load_toy_world(root: str | Path | None = None, device: str | torch.device | 
     chapters compare live results with cached CPU ones exactly. ``concepts_dir``: your own photo folders as
     the concepts of interest instead of the rendered ones (resized to 32 px)."""
     from diffusers import StableDiffusionPipeline
-    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
     from .toy import render
-    from .toy.models import ToyDetector
 
     root = Path(root or TOY_DIR)
     if not (root / "pipeline" / "model_index.json").exists():
@@ -350,18 +361,17 @@ def load_toy_world(root: str | Path | None = None, device: str | torch.device | 
     dev, dtype = _device(device, "cpu")
     with quiet_loading():
         pipe = _load_part(StableDiffusionPipeline, root / "pipeline", dtype=dtype).to(dev)
-        clip = _load_part(CLIPModel, root / "clip", dtype=dtype).to(dev).eval()
-        det = _load_part(ToyDetector, root / "detector").to(dev).eval()
-        clip_tokenizer, clip_processor = CLIPTokenizer.from_pretrained(root / "clip"), CLIPImageProcessor.from_pretrained(root / "clip")
+    clip, clip_tokenizer, clip_processor, det = toy_measures(root, dev, dtype)
     pipe.set_progress_bar_config(disable=True)
-    coi = []
-    for c in render.CONCEPTS:
-        drawn = [render.draw_scene(s) for s in render.concept_scenes(c)]
-        crops = [crop(im, next(box for noun, box in objs if noun == c.base)) for im, objs in drawn]
-        seen = tuple(sorted({noun for _, objs in drawn for noun, _ in objs} - {c.base}))
-        coi.append(ConceptOfInterest(c.name, c.token, c.base, [im for im, _ in drawn], seen, crops))
     if concepts_dir:
         coi = sd15_concepts(concepts_dir, size=pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    else:
+        coi = []
+        for c in render.CONCEPTS:
+            drawn = [render.draw_scene(s) for s in render.concept_scenes(c)]
+            crops = [crop(im, next(box for noun, box in objs if noun == c.base)) for im, objs in drawn]
+            seen = tuple(sorted({noun for _, objs in drawn for noun, _ in objs} - {c.base}))
+            coi.append(ConceptOfInterest(c.name, c.token, c.base, [im for im, _ in drawn], seen, crops))
     return World("toy", pipe, sorted(render.NOUNS), coi, clip, clip_tokenizer, clip_processor, _toy_detector(det, dev), dev, dtype,
                  guidance_scale=5.0, held_out_pairs=render.HELD_OUT_PAIRS, extras={"root": root, "detector_model": det},
                  settings=TOY_SETTINGS)
