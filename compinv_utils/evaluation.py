@@ -63,6 +63,19 @@ class Layouts:
         return L.predict_boxes(self.mlp, self.features[a], self.features[b])
 
 
+def load_layouts(world, path: str | Path | None = None) -> Layouts:
+    """The layout MLP chapter 04 saved (``<data>/<world>/layout/layout_mlp.pt``) with the features of the world's
+    nouns it was trained on (input embeddings or encoder outputs, as the file says)."""
+    from . import embeddings as E
+
+    path = Path(world.data_dir) / "layout" / "layout_mlp.pt" if path is None else Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no layout MLP at {path}: run chapter 04 first")
+    mlp, feature_name = L.load_layout_mlp(path)
+    feats = E.input_embeddings if feature_name == "input embedding" else E.encoder_outputs
+    return Layouts(mlp, dict(zip(world.concepts, feats(world.pipe, world.concepts))))
+
+
 def concept_pairs(world, concepts=None) -> list[tuple]:
     """Pairs of concepts of interest whose classes are not a pair held out from the world's training."""
     held = {tuple(sorted(p)) for p in world.held_out_pairs}
@@ -97,13 +110,10 @@ def evaluate_group(world, setting: str, method: str, concepts: Sequence, partner
     ``inversion_method``: which inversion method (:mod:`compinv_utils.methods`) made the concepts: ``"ti"``
     (textual inversion, the default), ``"custom_diffusion"`` or ``"dreambooth"``; its ``load``/``unload`` put each
     concept into the world's pipeline and restore it. Records of a method other than TI say which in
-    ``"inversion_method"``. Composing two Custom Diffusion or DreamBooth concepts needs one model trained on
-    both (the paper's multi-concept runs), which these folders do not hold, so ``setting="concept"`` is
-    refused for them."""
+    ``"inversion_method"``. Two concepts are put into one pipeline by the method's ``compose`` (textual
+    inversion: both embeddings; Custom Diffusion: its closed-form merge of the two key/value fine-tunes;
+    DreamBooth: the sum of the two UNets' weight changes — see each method)."""
     inv = get_method(inversion_method)
-    if inv.name != "ti" and setting == "concept":
-        raise ValueError(f"two {inv.name} concepts cannot be loaded into one pipeline (each brings its own model "
-                         "weights); the concept setting needs a jointly trained model")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
     if setting not in ("noun", "concept"):
@@ -122,8 +132,10 @@ def evaluate_group(world, setting: str, method: str, concepts: Sequence, partner
                                        f"fit and save it with get_method({inv.name!r})"))
     handles = []
     try:
-        for path in paths:
-            handles.append(inv.load(pipe, path.parent))  # replaces any embedding of the same token
+        if len(paths) == 1:
+            handles.append(inv.load(pipe, paths[0].parent))  # replaces any embedding of the same token
+        else:
+            handles.append(inv.compose(pipe, [p.parent for p in paths], nouns=world.concepts))
         if setting == "noun":
             (c,) = concepts
             world.check_nouns(partners)
@@ -180,7 +192,7 @@ def table1(world, partners_for, inversions: dict, layouts: Layouts, inv_seeds: S
     interrupted run resumes where it stopped; a cache made with other settings is refused.
 
     ``inversion_method``: the block of Table 1 (``"ti"``, ``"custom_diffusion"``, ``"dreambooth"``; see
-    :func:`evaluate_group`). The methods other than TI have the noun setting only (no pairs of concepts)."""
+    :func:`evaluate_group`)."""
     inv = get_method(inversion_method)
     concepts = list(world.concepts_of_interest if concepts is None else concepts)
     settings = {"seeds": seeds, "pair_seeds": pair_seeds, "guidance": asdict(guidance),
@@ -198,10 +210,7 @@ def table1(world, partners_for, inversions: dict, layouts: Layouts, inv_seeds: S
         if json.loads(json.dumps(settings)) != made_with:
             raise ValueError(f"{cache} was made with other settings ({made_with}), not {settings}; "
                              "delete it or pass another cache file")
-    groups = [("noun", m, (c,), s) for m in methods for c in concepts for s in inv_seeds]
-    if inv.name == "ti":
-        groups += [("concept", m, pair, s) for m in methods for pair in concept_pairs(world, concepts)
-                   for s in inv_seeds]
+    groups = table1_groups(world, methods, concepts, inv_seeds)
     for setting, method, cs, s in bar(groups, desc="Table 1", progress=progress):
         key = _group_key(setting, method, [c.name for c in cs], s)
         if key in done:
@@ -212,6 +221,34 @@ def table1(world, partners_for, inversions: dict, layouts: Layouts, inv_seeds: S
         if cache is not None:
             write_text(cache, json.dumps({"settings": settings, "groups": done}, indent=0))
     return [r for st, m, cs, s in groups for r in done[_group_key(st, m, [c.name for c in cs], s)]]
+
+
+def table1_groups(world, methods: Sequence[str] = tuple(METHODS), concepts=None,
+                  inv_seeds: Sequence[int] = (0, 1, 2)) -> list[tuple]:
+    """The groups of :func:`table1`, ``(setting, method, concepts, inv_seed)``: every concept with nouns, then
+    every pair of concepts (:func:`concept_pairs`), under each method and inversion seed."""
+    concepts = list(world.concepts_of_interest if concepts is None else concepts)
+    groups = [("noun", m, (c,), s) for m in methods for c in concepts for s in inv_seeds]
+    return groups + [("concept", m, pair, s) for m in methods for pair in concept_pairs(world, concepts) for s in inv_seeds]
+
+
+def cached_groups(cache: str | Path) -> set[str]:
+    """The keys of the groups a :func:`table1` cache holds (empty when there is no cache)."""
+    cache = Path(cache)
+    if not cache.exists():
+        return set()
+    try:
+        return set(json.loads(cache.read_text())["groups"])
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{cache} is not a Table 1 cache ({e}); move it away to recompute") from e
+
+
+def missing_groups(world, cache: str | Path, methods: Sequence[str] = tuple(METHODS), concepts=None,
+                   inv_seeds: Sequence[int] = (0, 1, 2)) -> list[tuple]:
+    """The groups of :func:`table1` that ``cache`` does not hold yet."""
+    have = cached_groups(cache)
+    return [g for g in table1_groups(world, methods, concepts, inv_seeds)
+            if _group_key(g[0], g[1], [c.name for c in g[2]], g[3]) not in have]
 
 
 def value(record: dict, metric: str) -> float:

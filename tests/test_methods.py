@@ -218,9 +218,10 @@ def test_evaluation_loads_and_unloads_through_the_method(cd, fresh, tmp_path):
     assert len(recs) == 1 and recs[0]["inversion_method"] == "custom_diffusion"
     assert recs[0]["prompt"] == f"a {c.token} {c.superclass} and a kite"
     assert _same_processors(pipe.unet, before) and c.token not in pipe.tokenizer.get_vocab()
-    with pytest.raises(ValueError, match="jointly trained model"):
+    with pytest.raises(ValueError, match="same placeholder '<cd>'"):  # one concept twice is not a composition
         V.evaluate_group(fresh, "concept", "TI", [c, c], [], 1, {"plain": tmp_path / "plain"},
                          inversion_method="custom_diffusion")
+    assert _same_processors(pipe.unet, before) and c.token not in pipe.tokenizer.get_vocab()
     with pytest.raises(FileNotFoundError, match="get_method\\('dreambooth'\\)"):
         V.evaluate_group(fresh, "noun", "TI", [c], ["kite"], 1, {"plain": tmp_path / "none"},
                          inversion_method="dreambooth")
@@ -410,3 +411,152 @@ def test_each_method_trains_and_guides_an_sd15_shaped_model():
         m.unload(pipe, fitted.handle)
         assert pipe.unet is unet and _same_processors(unet, procs)
         assert "<s15>" not in pipe.tokenizer.get_vocab()
+
+
+# -- composing two concepts (Table 1's second setting) ---------------------------------------------------------
+
+
+def test_merge_projection_meets_every_constraint_and_changes_the_least():
+    from compinv_utils.methods.custom_diffusion import merge_projection
+
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(6, 10, generator=g, dtype=torch.float64)
+    c_reg = torch.randn(40, 10, generator=g, dtype=torch.float64)
+    targets = [(w0 + 0.3 * torch.randn(6, 10, generator=g, dtype=torch.float64),
+                torch.randn(3, 10, generator=g, dtype=torch.float64)) for _ in range(2)]
+    w = merge_projection(w0, targets, c_reg, ridge=0.0)
+    for wi, ci in targets:  # each fine-tune's output on its own captions
+        assert torch.allclose(w @ ci.T, wi @ ci.T, atol=1e-8)
+    # any other W that meets the constraints changes the regularisation captions' outputs more
+    C = torch.cat([c for _, c in targets])
+    V = torch.cat([wi @ ci.T for wi, ci in targets], dim=1)
+    other = w0 + (V - w0 @ C.T) @ torch.linalg.pinv(C.T)
+    assert torch.allclose(other @ C.T, V, atol=1e-8)
+    cost = lambda m: ((m - w0) @ c_reg.T).square().sum()  # noqa: E731
+    assert cost(w) < cost(other)
+    assert torch.allclose(merge_projection(w0, [(w0, targets[0][1])], c_reg), w0)  # nothing to change
+    with pytest.raises(ValueError, match="nothing to merge"):
+        merge_projection(w0, [], c_reg)
+    with pytest.raises(ValueError, match="features"):
+        merge_projection(w0, [(w0, torch.randn(2, 9, dtype=torch.float64))], c_reg)
+
+
+def _two_saved(world, method, cfg, tmp_path):
+    m = get_method(method)
+    folders, fits = [], []
+    for k, token in enumerate(("<ca>", "<cb>")):
+        c = _concept(world, token, k)
+        fitted = m.fit(world, c, cfg, seed=k, progress=False)
+        folders.append(m.save(fitted, tmp_path / method / c.name))
+        fits.append(fitted)
+        m.unload(world.pipe, fitted.handle)
+    return m, folders, fits
+
+
+def test_custom_diffusion_composes_two_concepts_by_its_merge(fresh, tmp_path):
+    from compinv_utils.inversion import TEMPLATES
+    from compinv_utils.methods.custom_diffusion import text_features
+
+    pipe = fresh.pipe
+    before = dict(pipe.unet.attn_processors)
+    m, folders, fits = _two_saved(fresh, "custom_diffusion", CD, tmp_path)
+    assert _same_processors(pipe.unet, before)
+    with pytest.raises(ValueError, match="nouns=world.concepts"):
+        m.compose(pipe, folders)
+    assert _same_processors(pipe.unet, before) and "<ca>" not in pipe.tokenizer.get_vocab()
+    handle = m.compose(pipe, folders, nouns=fresh.concepts)
+    try:
+        assert handle.tokens == ["<ca>", "<cb>"] and all(t in pipe.tokenizer.get_vocab() for t in handle.tokens)
+        procs = pipe.unet.attn_processors
+        layer = cross_attention_layers(pipe.unet)[0]
+        assert isinstance(procs[layer], custom_diffusion_types())
+        merged = procs[layer].to_k_custom_diffusion.weight.detach().double()
+        for fitted, token, k in zip(fits, handle.tokens, (0, 1)):
+            sup = fresh.concepts_of_interest[k].superclass
+            feats = text_features(pipe, [t.format(f"{token} {sup}") for t in TEMPLATES], token).double()
+            own = fitted.weights[layer].to_k_custom_diffusion.weight.detach().double()
+            assert torch.allclose(merged @ feats.T, own @ feats.T, atol=1e-4)  # each concept's keys kept
+        image = _image(fresh, f"a {handle.tokens[0]} cat and a {handle.tokens[1]} teddy")
+        assert image.shape == (32, 32, 3)
+    finally:
+        m.unload(pipe, handle)
+    assert _same_processors(pipe.unet, before) and not {"<ca>", "<cb>"} & set(pipe.tokenizer.get_vocab())
+
+
+def test_dreambooth_composes_two_concepts_by_adding_their_weight_changes(fresh, tmp_path):
+    pipe = fresh.pipe
+    unet = pipe.unet
+    m, folders, fits = _two_saved(fresh, "dreambooth", DreamBoothConfig(steps=2, batch_size=2, class_images=2,
+                                                                      weights_lr=1e-3), tmp_path)
+    assert pipe.unet is unet
+    handle = m.compose(pipe, folders)
+    try:
+        assert pipe.unet is not unet and handle.tokens == ["<ca>", "<cb>"]
+        base = dict(unet.named_parameters())
+        tuned = [dict(f.weights.named_parameters()) for f in fits]
+        for name, p in pipe.unet.named_parameters():
+            want = base[name] + (tuned[0][name] - base[name]) + (tuned[1][name] - base[name])
+            assert torch.allclose(p, want, atol=1e-6), name
+    finally:
+        m.unload(pipe, handle)
+    assert pipe.unet is unet and not {"<ca>", "<cb>"} & set(pipe.tokenizer.get_vocab())
+
+
+def test_textual_inversion_composes_by_loading_both_embeddings(fresh, tmp_path):
+    pipe = fresh.pipe
+    m, folders, _ = _two_saved(fresh, "ti", InversionConfig(steps=2, batch_size=2), tmp_path)
+    handle = m.compose(pipe, folders)
+    assert handle.tokens == ["<ca>", "<cb>"] and all(t in pipe.tokenizer.get_vocab() for t in handle.tokens)
+    m.unload(pipe, handle)
+    assert not {"<ca>", "<cb>"} & set(pipe.tokenizer.get_vocab())
+    with pytest.raises(ValueError, match="same placeholder"):
+        m.compose(pipe, [folders[0], folders[0]])
+    assert "<ca>" not in pipe.tokenizer.get_vocab()
+
+
+def test_a_method_block_fits_records_costs_and_resumes(toy_world, tmp_path, monkeypatch):
+    import json
+
+    from compinv_utils import method_blocks as B
+
+    monkeypatch.setattr(toy_world, "concepts_of_interest", toy_world.concepts_of_interest[:2])
+    cfg = CustomDiffusionConfig(steps=2, batch_size=2, class_images=2)
+    stats_path = tmp_path / "fits.json"
+    stats = B.fit_concepts(toy_world, "custom_diffusion", seeds=(0,), config=cfg, root=tmp_path / "cd",
+                           stats_path=stats_path, progress=False)
+    assert set(stats) == {f"{v}|seed0|{c.name}" for v in B.VARIANTS for c in toy_world.concepts_of_interest}
+    layers = cross_attention_layers(toy_world.pipe.unet)
+    for key, s in stats.items():
+        folder = tmp_path / "cd" / key.split("|")[0] / "seed0" / key.split("|")[2]
+        assert s["megabytes"] == pytest.approx(B.folder_megabytes(folder), abs=1e-3) and s["seconds"] > 0
+        assert s["lambda"] == (toy_world.settings.lam if key.startswith("semantic") else 0.0)
+        kv = sum(toy_world.pipe.unet.get_submodule(n[: -len(".processor")]).to_k.weight.numel() * 2 for n in layers)
+        assert s["parameters"] == kv + toy_world.pipe.text_encoder.config.hidden_size
+    assert json.loads(stats_path.read_text()) == stats
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "cd").rglob("*.safetensors")}
+    again = B.fit_concepts(toy_world, "custom_diffusion", seeds=(0,), config=cfg, root=tmp_path / "cd",
+                           stats_path=stats_path, progress=False)
+    assert again == stats and all(p.stat().st_mtime_ns == t for p, t in mtimes.items())  # nothing refitted
+
+
+def test_a_complete_block_is_read_from_its_cache_without_the_fitted_models(fresh, tmp_path, monkeypatch):
+    import shutil
+
+    from compinv_utils import evaluation as V
+    from compinv_utils import method_blocks as B
+
+    layouts = V.load_layouts(fresh)  # the repository's layout MLP
+    monkeypatch.setenv("COMPINV_DATA", str(tmp_path))
+    monkeypatch.setattr(fresh, "concepts_of_interest", fresh.concepts_of_interest[:2])
+    monkeypatch.setattr(B.M, "partners", lambda world, c: ["kite"])
+    cfg = CustomDiffusionConfig(steps=1, batch_size=2, class_images=2)
+    stats, records = B.run_block(fresh, "custom_diffusion", (0,), config=cfg, layouts=layouts, gen_seeds=1,
+                                 pair_seeds=1, progress=False)
+    root = B.method_root(fresh, "custom_diffusion")
+    assert root == tmp_path / "toy" / "methods" / "custom_diffusion" and root.is_dir()
+    assert {(r["setting"], r["method"]) for r in records} == {(s, m) for s in ("noun", "concept") for m in V.METHODS}
+    assert all(r["inversion_method"] == "custom_diffusion" for r in records)
+    shutil.rmtree(root)  # a clone holds the records, not the fitted models
+    again = B.run_block(fresh, "custom_diffusion", (0,), config=cfg, layouts=layouts, gen_seeds=1, pair_seeds=1,
+                        progress=False)
+    assert again == (stats, records) and not root.exists()  # nothing was fitted or generated again

@@ -21,9 +21,9 @@ prior_loss_weight · L_prior`` with ``recons_loss_weight = 1 − λ`` and ``anch
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -84,6 +84,7 @@ class Handle:
     token: str
     processors: dict | None = None  # layer name -> the original processor object
     unet: object | None = None  # the original UNet object
+    tokens: list = field(default_factory=list)  # the placeholders of a composition (:meth:`InversionMethod.compose`)
 
 
 @dataclass
@@ -131,8 +132,13 @@ class InversionMethod(Protocol):
     def load(self, pipe, folder: str | Path) -> Handle:
         """Load a saved concept into ``pipe`` (replacing a token of the same name); returns the handle."""
 
+    def compose(self, pipe, folders: Sequence[str | Path], nouns: Sequence[str] | None = None) -> Handle:
+        """Load several saved concepts into ``pipe`` at once, for prompts that name them together (the
+        method's own way of combining separately learned concepts; ``nouns``, the world's nouns, for a method
+        whose combination needs ordinary captions); :meth:`unload` undoes it."""
+
     def unload(self, pipe, handle: Handle) -> None:
-        """Restore ``pipe`` as it was before :meth:`load` (or :meth:`fit`)."""
+        """Restore ``pipe`` as it was before :meth:`load`, :meth:`compose` (or :meth:`fit`)."""
 
     def anchor_lambda(self, world) -> float:
         """λ of ``(1 − λ) L_rec + λ L_anc`` for semantic inversion with this method in ``world``."""
@@ -208,6 +214,24 @@ def load_token(pipe, folder: Path) -> str:
     return token
 
 
+def load_tokens(pipe, folders: Sequence[Path], handle: Handle, check=None) -> Handle:
+    """The last part of every method's ``compose``: ``check()`` (when given), then each folder's token into
+    ``handle.tokens``; on any failure the pipeline is put back as it was and the error re-raised."""
+    try:
+        if check is not None:
+            check()
+        for folder in folders:
+            token = embedding_token(pipe, Path(folder))
+            if token in handle.tokens:
+                raise ValueError(f"two of the concepts to compose use the same placeholder {token!r}")
+            load_embedding(pipe, Path(folder) / EMBEDDING_FILE, token)
+            handle.tokens.append(token)
+    except BaseException:
+        restore(pipe, handle)
+        raise
+    return handle
+
+
 def finish_load(pipe, folder: Path, handle: Handle, check=None) -> Handle:
     """The last part of every method's ``load``: ``check()`` (when given), then the token from ``folder``; on any
     failure the pipeline is put back as it was (:func:`restore`) and the error re-raised."""
@@ -231,6 +255,8 @@ def restore(pipe, handle: Handle) -> None:
             pipe.unet.set_attn_processor(dict(handle.processors))
     if handle.token:
         unload(pipe, handle.token)
+    for token in handle.tokens:
+        unload(pipe, token)
 
 
 __all__ = ["EMBEDDING_FILE", "FineTuneConfig", "Fitted", "Handle", "InversionMethod", "class_pixels", "class_prompt"]

@@ -35,14 +35,15 @@ diffusers (0.42) are worked around without leaving its formats:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..inversion import TrainExtras, invert_with
-from .base import (EMBEDDING_FILE, FineTuneConfig, Fitted, Handle, check_finetune_config, check_free, check_info,
-                   class_pixels, class_prompt, finish_load, resolve_config, restore, write_info)
+from .base import (EMBEDDING_FILE, INFO_FILE, FineTuneConfig, Fitted, Handle, check_finetune_config, check_free,
+                   check_info, class_pixels, class_prompt, finish_load, load_tokens, resolve_config, restore, write_info)
 
 WEIGHT_NAME = "pytorch_custom_diffusion_weights.safetensors"  # diffusers' CUSTOM_DIFFUSION_WEIGHT_NAME_SAFE
 
@@ -105,6 +106,64 @@ def _write_attn_procs(state_dict: dict, path) -> None:
             raise TypeError(f"unexpected entry {key!r} of type {type(value).__name__} in the processors' state dict")
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
+
+
+def merge_projection(w0: torch.Tensor, targets: list[tuple[torch.Tensor, torch.Tensor]], c_reg: torch.Tensor,
+                     ridge: float = 1e-6) -> torch.Tensor:
+    """Custom Diffusion's merge of separately fine-tuned key or value projections (Kumari et al., CVPR 2023,
+    Sec. 3.2, "constrained optimisation"): the ``W`` that changes the original ``w0`` (out, d) least on the
+    regularisation text features ``c_reg`` (m, d) — ``min ||(W − w0) c_regᵀ||²`` — while it gives each fine-tuned
+    projection's output on that concept's own text features, ``W C_iᵀ = W_i C_iᵀ`` for every ``(W_i, C_i)`` in
+    ``targets``. Closed form, with ``C`` the stacked ``C_i`` and ``M = (c_regᵀ c_reg)⁻¹``:
+    ``W = w0 + (V − w0 Cᵀ)(C M Cᵀ)⁻¹ C M``. ``ridge`` (relative to the mean eigenvalue) keeps ``M`` finite."""
+    if not targets:
+        raise ValueError("nothing to merge: pass at least one (fine-tuned weight, text features) pair")
+    w0d = w0.double()
+    d = w0d.shape[1]
+    for w, c in targets:
+        if w.shape != w0.shape or c.ndim != 2 or c.shape[1] != d:
+            raise ValueError(f"a target must be a weight of shape {tuple(w0.shape)} and features (n, {d}), "
+                             f"got {tuple(w.shape)} and {tuple(c.shape)}")
+    if c_reg.ndim != 2 or c_reg.shape[1] != d:
+        raise ValueError(f"regularisation features must be (m, {d}), got {tuple(c_reg.shape)}")
+    cr = c_reg.double()
+    gram = cr.T @ cr
+    gram = gram + ridge * gram.diagonal().mean() * torch.eye(d, dtype=gram.dtype, device=gram.device)
+    C = torch.cat([c.double() for _, c in targets])
+    V = torch.cat([w.double() @ c.double().T for w, c in targets], dim=1)  # (out, n)
+    D = torch.linalg.solve(gram, C.T).T  # C M  (n, d); M is symmetric
+    A = D @ C.T  # C M Cᵀ  (n, n)
+    X = torch.linalg.lstsq(A, D).solution  # (C M Cᵀ)⁻¹ C M, least squares where rows of C repeat
+    return (w0d + (V - w0d @ C.T) @ X).to(w0.dtype)
+
+
+def text_features(pipe, prompts: list[str], first_token: str | None = None) -> torch.Tensor:
+    """The text encoder's output rows (as the UNet's cross-attention reads them) of ``prompts``, from the
+    placeholder ``first_token`` (or the first word) up to the end-of-text token, stacked ``(n, d)``."""
+    tok = pipe.tokenizer
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].float().cpu()
+    start_id = tok.convert_tokens_to_ids(first_token) if first_token else None
+    rows = []
+    for k in range(len(prompts)):
+        row = ids[k].tolist()
+        end = row.index(tok.eos_token_id) if tok.eos_token_id in row else len(row) - 1
+        start = row.index(start_id) if start_id is not None and start_id in row else 1
+        rows.append(out[k, start:end + 1])
+    return torch.cat(rows)
+
+
+def regularisation_prompts(nouns, max_pairs: int = 200) -> list[str]:
+    """Captions of the world's own nouns for the merge's ``c_reg``: "a photo of a {noun}" for each noun and
+    "a {a} and a {b}" for up to ``max_pairs`` pairs (the official merge uses 1,000 captions of real images)."""
+    from itertools import combinations
+
+    nouns = list(nouns)
+    pairs = list(combinations(nouns, 2))
+    step = max(1, len(pairs) // max_pairs)
+    return [f"a photo of a {n}" for n in nouns] + [f"a {a} and a {b}" for a, b in pairs[::step][:max_pairs]]
 
 
 class CustomDiffusion:
@@ -173,13 +232,69 @@ class CustomDiffusion:
             raise FileNotFoundError(f"no Custom Diffusion weights {folder / WEIGHT_NAME}")
         unet = pipe.unet
         original = dict(unet.attn_processors)
-        unet.load_attn_procs(str(folder), weight_name=WEIGHT_NAME, _pipeline=pipe)
+        from ..world import quiet_loading
+
+        with quiet_loading():  # the loader casts the UNet to its own dtype, and diffusers warns about any cast
+            unet.load_attn_procs(str(folder), weight_name=WEIGHT_NAME, _pipeline=pipe)
         def check():
             if not any(isinstance(p, custom_diffusion_types()) for p in unet.attn_processors.values()):
                 raise RuntimeError(f"diffusers' load_attn_procs did not install the processors of {folder} "
                                    "(diffusers issue #9320)")
 
         return finish_load(pipe, folder, Handle("", processors=original), check)
+
+    def compose(self, pipe, folders, nouns=None) -> Handle:
+        """Several saved concepts at once, by Custom Diffusion's own merge (:func:`merge_projection`): every
+        token into the text encoder, and in each cross-attention layer one key and one value projection that
+        reproduce each concept's fine-tuned projection on that concept's captions (the training templates
+        with its token and class) and change the original least on :func:`regularisation_prompts` captions of
+        ``nouns`` (the world's nouns, ``world.concepts``; needed for two or more folders). One folder loads as
+        :meth:`load` does."""
+        from safetensors.torch import load_file
+
+        from ..inversion import TEMPLATES
+
+        folders = [Path(f) for f in folders]
+        if len(folders) == 1:
+            return self.load(pipe, folders[0])
+        if nouns is None:
+            raise ValueError("compose needs the world's nouns for the merge's regularisation captions: "
+                             "compose(pipe, folders, nouns=world.concepts)")
+        states, infos = [], []
+        for folder in folders:
+            check_info(folder, self.name)
+            if not (folder / WEIGHT_NAME).is_file():
+                raise FileNotFoundError(f"no Custom Diffusion weights {folder / WEIGHT_NAME}")
+            states.append(load_file(str(folder / WEIGHT_NAME)))
+            info = folder / INFO_FILE
+            infos.append(json.loads(info.read_text()) if info.exists() else {})
+        unet = pipe.unet
+        original = dict(unet.attn_processors)
+        handle = load_tokens(pipe, folders, Handle("", processors=original))
+        try:
+            supers = [i.get("superclass", "") for i in infos]
+            c_reg = text_features(pipe, regularisation_prompts(nouns))
+            feats = [text_features(pipe, [t.format(f"{tok} {sup}".strip()) for t in TEMPLATES], tok)
+                     for tok, sup in zip(handle.tokens, supers)]
+            procs = custom_diffusion_processors(unet)
+            for name, proc in procs.items():
+                if not name.endswith("attn2.processor"):
+                    continue
+                attn = unet.get_submodule(name[: -len(".processor")])
+                merged = {}
+                for short, base in (("to_k", attn.to_k.weight), ("to_v", attn.to_v.weight)):
+                    key = f"{name}.{short}_custom_diffusion.weight"
+                    missing = [str(f) for f, st in zip(folders, states) if key not in st]
+                    if missing:
+                        raise ValueError(f"{key} is missing from {', '.join(missing)}: not saved from this model")
+                    merged[f"{short}_custom_diffusion.weight"] = merge_projection(
+                        base.detach().float().cpu(), [(st[key].float(), f) for st, f in zip(states, feats)], c_reg)
+                proc.load_state_dict(merged)
+            unet.set_attn_processor({k: v.to(device=unet.device, dtype=unet.dtype) for k, v in procs.items()})
+        except BaseException:
+            restore(pipe, handle)
+            raise
+        return handle
 
     def unload(self, pipe, handle: Handle) -> None:
         restore(pipe, handle)

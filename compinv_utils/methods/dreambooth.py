@@ -34,7 +34,7 @@ import torch
 
 from ..inversion import TrainExtras, invert_with
 from .base import (EMBEDDING_FILE, FineTuneConfig, Fitted, Handle, check_finetune_config, check_free, check_info,
-                   class_pixels, class_prompt, finish_load, resolve_config, restore, write_info)
+                   class_pixels, class_prompt, finish_load, load_tokens, resolve_config, restore, write_info)
 
 UNET_FOLDER = "unet"
 DREAMBOOTH_LAMBDA = 0.6  # L_rec 0.4 / L_anc 0.6 (the issue's reading of the paper)
@@ -110,8 +110,51 @@ class DreamBooth:
         original = pipe.unet
         with quiet_loading():
             unet = UNet2DConditionModel.from_pretrained(folder / UNET_FOLDER, torch_dtype=original.dtype)
-        pipe.unet = unet.to(original.device).eval()
+            unet = unet.to(original.device)
+        pipe.unet = unet.eval()
         return finish_load(pipe, folder, Handle("", unet=original))
+
+    def compose(self, pipe, folders, nouns=None) -> Handle:
+        """Several saved concepts at once: every token into the text encoder and one UNet whose weights are the
+        original's plus the sum of each fine-tuned UNet's change, ``W = W₀ + Σᵢ (Wᵢ − W₀)`` (task arithmetic,
+        Ilharco et al., ICLR 2023). DreamBooth has no merge of its own (its multi-subject results train one
+        model on every subject), so this is a stand-in for joint training, and weaker than it: each change was
+        learned without the other. One folder loads as :meth:`load` does."""
+        import copy
+
+        from safetensors import safe_open
+
+        folders = [Path(f) for f in folders]
+        if len(folders) == 1:
+            return self.load(pipe, folders[0])
+        files = []
+        for folder in folders:
+            check_info(folder, self.name)
+            found = sorted((folder / UNET_FOLDER).glob("*.safetensors"))
+            if not (folder / UNET_FOLDER / "config.json").is_file() or not found:
+                raise FileNotFoundError(f"no fine-tuned UNet in {folder / UNET_FOLDER}")
+            files.append(found)
+        original = pipe.unet
+        base = original.state_dict()
+        unet = copy.deepcopy(original)  # one more UNet in memory; the fine-tuned ones are read tensor by tensor
+        merged = unet.state_dict()
+        with torch.no_grad():
+            for folder, paths in zip(folders, files):
+                seen = set()
+                for path in paths:
+                    with safe_open(str(path), framework="pt", device="cpu") as f:
+                        for key in f.keys():
+                            if key not in base or f.get_slice(key).get_shape() != list(base[key].shape):
+                                raise ValueError(f"the UNet in {folder / UNET_FOLDER} is not a fine-tuned copy of "
+                                                 f"this pipeline's UNet ({key})")
+                            tuned = f.get_tensor(key).to(device=base[key].device, dtype=torch.float32)
+                            merged[key] += (tuned - base[key].float()).to(merged[key].dtype)
+                            seen.add(key)
+                if seen != set(base):
+                    raise ValueError(f"the UNet in {folder / UNET_FOLDER} lacks {len(set(base) - seen)} of this "
+                                     "pipeline's UNet weights")
+        pipe.unet = unet.eval()
+        return load_tokens(pipe, folders, Handle("", unet=original))
 
     def unload(self, pipe, handle: Handle) -> None:
         restore(pipe, handle)

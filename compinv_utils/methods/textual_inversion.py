@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..inversion import InversionConfig, invert
-from .base import EMBEDDING_FILE, FineTuneConfig, Fitted, Handle, load_token, resolve_config, restore
+from .base import EMBEDDING_FILE, FineTuneConfig, Fitted, Handle, load_token, load_tokens, resolve_config, restore
 
 
 class TextualInversion:
@@ -40,6 +40,10 @@ class TextualInversion:
         if folder.suffix == ".safetensors":  # the embedding file itself
             folder = folder.parent
         return Handle(load_token(pipe, folder))
+
+    def compose(self, pipe, folders, nouns=None) -> Handle:
+        """Every folder's embedding into the one text encoder (textual inversion composes by construction)."""
+        return load_tokens(pipe, [Path(f) for f in folders], Handle(""))
 
     def unload(self, pipe, handle: Handle) -> None:
         restore(pipe, handle)
