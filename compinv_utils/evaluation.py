@@ -202,11 +202,7 @@ def table1(world, partners_for, inversions: dict, layouts: Layouts, inv_seeds: S
     cache = Path(cache) if cache is not None else None
     done: dict[str, list[dict]] = {}
     if cache is not None and cache.exists():
-        try:
-            stored = json.loads(cache.read_text())
-            done, made_with = stored["groups"], stored["settings"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{cache} is not a Table 1 cache ({e}); move it away to recompute") from e
+        done, made_with = _read_cache(cache)
         if json.loads(json.dumps(settings)) != made_with:
             raise ValueError(f"{cache} was made with other settings ({made_with}), not {settings}; "
                              "delete it or pass another cache file")
@@ -232,15 +228,19 @@ def table1_groups(world, methods: Sequence[str] = tuple(METHODS), concepts=None,
     return groups + [("concept", m, pair, s) for m in methods for pair in concept_pairs(world, concepts) for s in inv_seeds]
 
 
+def _read_cache(cache: Path) -> tuple[dict, dict]:
+    """A :func:`table1` cache's groups and the settings it was made with."""
+    try:
+        stored = json.loads(cache.read_text())
+        return stored["groups"], stored["settings"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{cache} is not a Table 1 cache ({e}); move it away to recompute") from e
+
+
 def cached_groups(cache: str | Path) -> set[str]:
     """The keys of the groups a :func:`table1` cache holds (empty when there is no cache)."""
     cache = Path(cache)
-    if not cache.exists():
-        return set()
-    try:
-        return set(json.loads(cache.read_text())["groups"])
-    except (json.JSONDecodeError, KeyError) as e:
-        raise ValueError(f"{cache} is not a Table 1 cache ({e}); move it away to recompute") from e
+    return set(_read_cache(cache)[0]) if cache.exists() else set()
 
 
 def missing_groups(world, cache: str | Path, methods: Sequence[str] = tuple(METHODS), concepts=None,

@@ -72,8 +72,7 @@ def fit_concepts(world, method, seeds=(0, 1), variants=VARIANTS, config=None, ro
         folder = inversion_folder(root / variant, c.name, seed)
         if (folder / INFO_FILE).exists() and key in stats:
             continue
-        loss = (AnchorLoss(world.pipe, world.concepts, m.anchor_lambda(world), world.settings.anchors_c)
-                if variant == "semantic" else None)
+        loss = AnchorLoss.for_world(world, lam=m.anchor_lambda(world)) if variant == "semantic" else None
         t0 = time.perf_counter()
         fitted = m.fit(world, c, replace(config, seed=seed), loss_fn=loss, progress=False)
         seconds = time.perf_counter() - t0
