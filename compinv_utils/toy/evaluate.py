@@ -146,8 +146,9 @@ def eval_speed(world, repeats: int = 2) -> dict:
 
 
 def eval_inversion(world, n: int = 8, folder: str | os.PathLike | None = None) -> dict:
-    """Plain textual inversion (default settings) of every concept of interest, saved under ``folder``
-    (default ``data/toy/inversions/plain``, where chapter 01 finds them); image alignment of ``n``
+    """Plain textual inversion (default settings, seed 0) of every concept of interest, saved under
+    ``folder/seed0/<name>`` (default ``data/toy/inversions/plain``, where chapter 01 and :func:`eval_concept_look`
+    find them); image alignment of ``n``
     samples of "a photo of a S* <superclass>" vs ``n`` samples of "a photo of a <superclass>" to the photos."""
     from ..inversion import InversionConfig, invert, unload
     from ..world import TOY_DIR
@@ -158,7 +159,8 @@ def eval_inversion(world, n: int = 8, folder: str | os.PathLike | None = None) -
     for coi in world.concepts_of_interest:
         unload(world.pipe, coi.token)
         t = time.perf_counter()
-        invert(world.pipe, coi.photos, coi.token, coi.superclass, cfg, progress=False).save(os.path.join(folder, coi.name))
+        invert(world.pipe, coi.photos, coi.token, coi.superclass, cfg, progress=False).save(
+            os.path.join(folder, f"seed{cfg.seed}", coi.name))
         secs = time.perf_counter() - t
         with_tok = world.generate([f"a photo of a {coi.token} {coi.superclass}"] * n, seed=0)
         sup = world.generate([f"a photo of {render.article(coi.superclass)}"] * n, seed=0)

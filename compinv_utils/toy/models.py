@@ -10,6 +10,7 @@ from transformers import CLIPConfig, CLIPModel
 
 IMAGE_SIZE = 32  # pixels
 LATENT_SIZE = 8  # the VAE downsamples by 4 (three blocks)
+LATENT_CHANNELS = 8  # SD 1.5 has 4; two colours and a pattern's phase per 4x4-pixel cell need more (see train.py)
 TEXT_DIM = 128  # width of the text tower = the UNet's cross-attention dimension
 MAX_TOKENS = 77  # as in SD 1.5
 
@@ -18,17 +19,18 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0
                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
 
 
-def make_vae() -> AutoencoderKL:
+def make_vae(latent_channels: int = LATENT_CHANNELS) -> AutoencoderKL:
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=IMAGE_SIZE,
+        in_channels=3, out_channels=3, latent_channels=latent_channels, sample_size=IMAGE_SIZE,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
         block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=32,
     )
 
 
-def make_unet() -> UNet2DConditionModel:
+def make_unet(latent_channels: int = LATENT_CHANNELS) -> UNet2DConditionModel:
     return UNet2DConditionModel(
-        sample_size=LATENT_SIZE, in_channels=4, out_channels=4, block_out_channels=(64, 128), layers_per_block=2,
+        sample_size=LATENT_SIZE, in_channels=latent_channels, out_channels=latent_channels,
+        block_out_channels=(64, 128), layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=TEXT_DIM, attention_head_dim=8, norm_num_groups=32,

@@ -3,11 +3,14 @@
     python -m compinv_utils.toy.train --out data/toy            # the committed world
     python -m compinv_utils.toy.train --out /tmp/w --profile smoke   # a 1-minute check of the code path
     python -m compinv_utils.toy.train --out /tmp/w --profile cpu-full  # the whole world on a 2-core CPU
+    python -m compinv_utils.toy.train --out /tmp/w --profile cpu-full --stages vae,unet --from data/toy
+                                                                # new VAE and UNet, CLIP and detector kept
     python -m compinv_utils.toy.train --out /tmp/w --profile gpu       # the whole world on one GPU
 
 Stages: tokenizer, rendered data set, VAE, CLIP (saved), detector (saved), UNet (its EMA saved
 every ``unet_checkpoint_every`` steps while it trains), and the assembled ``StableDiffusionPipeline``. Every
 random choice is seeded, so a rerun on the same device and library versions rebuilds the same weights.
+Stages left out of ``--stages`` are loaded from ``--from`` (default ``--out``).
 
 The data set is rendered once into arrays — images, boxes, per-object masks on the 8x8 latent grid, and
 ``captions_per_scene`` captions per scene already tokenised, with the object each noun token names — and
@@ -15,20 +18,27 @@ cached in ``--cache-dir`` under a key of the configuration, so a resumed or late
 again. Latents are encoded once after the VAE stage. The UNet stage draws batches with torch indices into
 these tensors only, so it is bound by the model; it saves its full state (weights, EMA, optimiser,
 generator) with each checkpoint, and ``--stages unet --resume`` continues from the last one after an
-interruption. ``--ground-weight`` (and ``--ground-pixel-weight``) add a token-level grounding loss on noun
-tokens' cross-attention (TokenCompose, Wang et al., CVPR 2024); off by default. Scenes in which an object
-has the look of a concept of interest are redrawn, so no concept is ever seen in training.
+interruption. ``ground_weight`` / ``ground_pixel_weight`` (profiles ``cpu-full`` and ``gpu``; overridden with
+``--ground-weight`` / ``--ground-pixel-weight``, 0 turns them off) add a token-level grounding loss on noun
+tokens' cross-attention (TokenCompose, Wang et al., CVPR 2024). Scenes in which an object has the look of
+a concept of interest are redrawn, so no concept is ever seen in training.
 
-Profiles (the times are estimates from measured per-step costs, not measurements of the runs):
+The VAE has 8 latent channels (SD 1.5: 4) and a reconstruction loss that weights object pixels and adds an
+L1 term on image gradients (:func:`vae_loss`): with 4 channels and a plain squared error, a two-colour
+pattern on a 4x4-pixel latent cell came back as its mean colour, so no inversion could carry a concept's
+look through the decoder.
 
-- ``cpu-full`` — a 2-core CPU in about 90–110 minutes: render 30,000 scenes (~2 min), VAE 1,500 steps of
-  batch 64 at ~0.75 s (~19 min), CLIP 1,200 steps of batch 128 (~14 min), detector 1,500 steps of batch 64
-  (~2 min), UNet 7,000 steps of batch 64 at 0.44–0.56 s (52–65 min; the grounding loss adds at most ~10 %, ~115 min in all).
-- ``gpu`` — one recent GPU (an H200-class card) in about 25–35 minutes: 100,000 scenes (~1 min with 16
-  render workers), the ``full`` VAE/CLIP/detector stages (~5 min), UNet 30,000 steps of batch 256, at an
-  expected 20–30 steps/s (17–25 min) now that the loop no longer waits on caption sampling (the first
-  edition managed ~7); not yet run on a GPU.
-- ``full`` — the committed world's sizes; ``cpu-unet`` continues a UNet on a CPU; ``smoke`` checks the code path.
+Profiles (the times are estimates from measured per-step costs, not measurements of the runs; the
+training log records the real ones):
+
+- ``cpu-full`` — a 2-core CPU: render 30,000 scenes (~2 min, then ~2 min tokenising), VAE 1,800 steps of
+  batch 64 at ~0.8 s (~25 min), CLIP 1,200 steps of batch 128 (~14 min), detector 1,500 steps of batch 64
+  (~2 min), UNet 7,000 steps of batch 64 with the grounding loss at ~0.5–0.6 s (~60–70 min). With
+  ``--stages vae,unet --from data/toy`` the CLIP and detector trained on a GPU are kept (~100 min in all).
+- ``gpu`` — one recent GPU (an H200-class card): 100,000 scenes, the ``full`` VAE/CLIP/detector stages,
+  UNet 30,000 steps of batch 256 with the grounding loss; not yet run on a GPU.
+- ``full`` — the first edition's sizes (its UNet stage was cut short; see ``data/toy/training_log.json``);
+  ``cpu-unet`` continues a UNet on a CPU; ``smoke`` checks the code path.
 """
 
 from __future__ import annotations
@@ -53,7 +63,8 @@ from tqdm.auto import tqdm
 
 from ..files import atomic_path, torch_load, torch_save, write_text
 from . import render
-from .models import IMAGE_SIZE, ToyDetector, make_clip, make_sample_scheduler, make_train_scheduler, make_unet, make_vae
+from .models import (IMAGE_SIZE, LATENT_CHANNELS, ToyDetector, make_clip, make_sample_scheduler, make_train_scheduler,
+                     make_unet, make_vae)
 from .tokenizer import build_tokenizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation, as in SD's feature extractor
@@ -86,6 +97,9 @@ class TrainConfig:
     ground_weight: float = 0.0  # weight of the token grounding loss on noun tokens' cross-attention (0: off)
     ground_pixel_weight: float = 0.0  # weight of the pixel-level grounding term (BCE of a token's map vs its mask)
     ground_resolutions: tuple[int, ...] = (8,)  # cross-attention map sizes the grounding loss reads (8 and/or 4)
+    latent_channels: int = LATENT_CHANNELS  # the VAE's latent channels (the first edition had SD 1.5's 4)
+    vae_object_weight: float = 4.0  # extra weight of object pixels in the VAE's reconstruction loss (0: uniform)
+    vae_edge_weight: float = 0.5  # weight of the L1 loss on image gradients (keeps stripes, dots and checks)
 
 
 PROFILES = {
@@ -94,12 +108,13 @@ PROFILES = {
     "cpu-unet": TrainConfig(n_scenes=30_000, unet_steps=1_800, unet_batch=64, unet_lr=2e-4, unet_warmup=50,
                             ema_decay=0.998, unet_checkpoint_every=200),
     # A whole world on a 2-core CPU in under 2 hours (see the module docstring for the estimate).
-    "cpu-full": TrainConfig(n_scenes=30_000, vae_steps=1_500, vae_batch=64, clip_steps=1_200, clip_batch=128,
-                            unet_steps=7_000, unet_batch=64, unet_lr=2e-4, unet_warmup=300, ema_decay=0.999,
-                            unet_checkpoint_every=500, det_steps=1_500, det_batch=64),
+    "cpu-full": TrainConfig(n_scenes=30_000, vae_steps=1_800, vae_batch=64, clip_steps=1_200, clip_batch=128,
+                            unet_steps=6_500, unet_batch=32, unet_lr=2e-4, unet_warmup=300, ema_decay=0.999,
+                            unet_checkpoint_every=500, det_steps=1_500, det_batch=64, ground_weight=0.2,
+                            ground_pixel_weight=0.05),
     # A whole world on one GPU: more scenes and three times the UNet steps of "full" (see the module docstring).
     "gpu": TrainConfig(n_scenes=100_000, unet_steps=30_000, unet_warmup=1_000, ema_decay=0.9995,
-                       unet_checkpoint_every=2_000),
+                       unet_checkpoint_every=2_000, ground_weight=0.2, ground_pixel_weight=0.05),
     "smoke": TrainConfig(n_scenes=512, vae_steps=4, vae_batch=16, clip_steps=4, clip_batch=16, unet_steps=4,
                          unet_batch=16, det_steps=4, det_batch=16),
 }
@@ -259,18 +274,50 @@ def _optimiser(params, lr: float, total: int, warmup: int):
 # ---------------------------------------------------------------------------------------------
 
 
+def vae_loss(rec: torch.Tensor, x: torch.Tensor, objects: torch.Tensor | None = None, object_weight: float = 0.0,
+             edge_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's reconstruction loss on images in [-1, 1]: squared plus half absolute error, object pixels
+    (``objects``: ``(B, H, W)`` in [0, 1]) weighted ``1 + object_weight``, plus ``edge_weight`` times the L1
+    error of horizontal and vertical image differences. Returns ``(loss, plain MSE)``.
+
+    Stable Diffusion's VAE keeps texture with perceptual and adversarial losses; the toy world's stand-ins
+    are the weight on objects (they fill a fifth of the pixels but carry every attribute a caption names)
+    and the edge term (a two-colour pattern averaged into its mean colour costs little squared error but a
+    lot of gradient error)."""
+    err = rec - x
+    per_pixel = (err ** 2 + 0.5 * err.abs()).mean(1)  # (B, H, W)
+    if objects is not None and object_weight:
+        w = 1 + object_weight * objects
+        loss = (w * per_pixel).sum() / w.sum()
+    else:
+        loss = per_pixel.mean()
+    if edge_weight:
+        dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
+        dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
+        loss = loss + edge_weight * ((dx(rec) - dx(x)).abs().mean() + (dy(rec) - dy(x)).abs().mean())
+    return loss, (err ** 2).mean()
+
+
+def object_pixels(masks: np.ndarray, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """``(B, 2, 8, 8)`` object masks -> ``(B, size, size)`` float: 1 where any object covers the cell."""
+    m = torch.from_numpy(np.ascontiguousarray(masks)).any(1).float()
+    return F.interpolate(m[:, None], size=(size, size), mode="nearest")[:, 0]
+
+
 def train_vae(data, cfg: TrainConfig, device, log):
     torch.manual_seed(cfg.seed + 1)
     gen = np.random.default_rng(cfg.seed + 1)
-    vae = make_vae().to(device).train()
+    vae = make_vae(cfg.latent_channels).to(device).train()
     opt, sched = _optimiser(vae.parameters(), 1e-3, cfg.vae_steps, min(200, cfg.vae_steps // 10 + 1))
     bar = tqdm(range(cfg.vae_steps), desc="VAE")
     for step in bar:
-        x = to_unit(data["images"][gen.integers(0, len(data["images"]), cfg.vae_batch)], device) * 2 - 1
+        idx = gen.integers(0, len(data["images"]), cfg.vae_batch)
+        x = to_unit(data["images"][idx], device) * 2 - 1
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
-        mse = F.mse_loss(rec, x)
-        loss = mse + 0.5 * F.l1_loss(rec, x) + 1e-6 * post.kl().mean()
+        rec_loss, mse = vae_loss(rec, x, object_pixels(data["masks"][idx]).to(device), cfg.vae_object_weight,
+                                 cfg.vae_edge_weight)
+        loss = rec_loss + 1e-6 * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -406,7 +453,8 @@ def train_unet(data, tokenizer, text_encoder, cfg: TrainConfig, device, log, ckp
 
     torch.manual_seed(cfg.seed + 3)
     gen = torch.Generator(device).manual_seed(cfg.seed + 3)
-    unet = (UNet2DConditionModel.from_pretrained(init, dtype=torch.float32) if init else make_unet()).to(device).train()
+    unet = (UNet2DConditionModel.from_pretrained(init, dtype=torch.float32) if init
+            else make_unet(cfg.latent_channels)).to(device).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     noise_sched = make_train_scheduler()
     n_t = noise_sched.config.num_train_timesteps
@@ -553,8 +601,10 @@ DEFAULT_CACHE = Path("~/.cache/compinv_utils/toy")  # rendered, tokenised data s
 
 
 def build_world(out: Path, cfg: TrainConfig, device: torch.device, workers: int, stages=STAGES,
-                init_unet: Path | None = None, cache_dir: Path | None = None, resume: bool = False) -> dict:
-    """Run the given stages, load the others from ``out``, and write the world there; returns the log."""
+                init_unet: Path | None = None, cache_dir: Path | None = None, resume: bool = False,
+                source: Path | None = None) -> dict:
+    """Run the given stages, load the others from ``source`` (default ``out``; the CLIP and detector folders
+    are copied from there into ``out``), and write the world to ``out``; returns the log."""
     import shutil
 
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
@@ -567,17 +617,22 @@ def build_world(out: Path, cfg: TrainConfig, device: torch.device, workers: int,
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     log: dict = {"config": asdict(cfg), "device": str(device), "torch": torch.__version__, "stages": list(stages),
-                 "init_unet": str(init_unet) if init_unet else None, "stages_s": {}}
+                 "init_unet": str(init_unet) if init_unet else None, "stages_s": {},
+                 "loaded_from": str(source) if source and Path(source).resolve() != out.resolve() else None}
     t0 = time.time()
 
     def stage(name):
         log["stages_s"][name] = round(time.time() - t0 - sum(log["stages_s"].values()), 1)
 
+    src = Path(source) if source else out
+
     def load_part(cls, *names):
         for name in names:
-            if (out / name).exists():
-                return cls.from_pretrained(out / name, dtype=torch.float32).to(device).eval()
-        raise FileNotFoundError(f"stage output {names[0]} is missing from {out}: run that stage too")
+            if (src / name).exists():
+                if cls.__name__ == "CLIPModel" and src.resolve() != out.resolve():
+                    shutil.copytree(src / name, out / name, dirs_exist_ok=True)
+                return cls.from_pretrained(src / name, dtype=torch.float32).to(device).eval()
+        raise FileNotFoundError(f"stage output {names[0]} is missing from {src}: run that stage too")
 
     tokenizer = build_tokenizer(render.caption_words())
     stage("tokenizer")
@@ -603,6 +658,10 @@ def build_world(out: Path, cfg: TrainConfig, device: torch.device, workers: int,
     if "detector" in stages:
         det = train_detector(data, cfg, device, log)
         det.to("cpu").save_pretrained(out / "detector")
+    elif src.resolve() != out.resolve():
+        if not (src / "detector").is_dir():
+            raise FileNotFoundError(f"stage output detector is missing from {src}: run that stage too")
+        shutil.copytree(src / "detector", out / "detector", dirs_exist_ok=True)
     stage("detector")
     text_encoder = text_tower(clip)
     if "unet" in stages:
@@ -638,6 +697,9 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes that render the data set")
     p.add_argument("--unet-steps", type=int, default=None, help="override the profile's UNet steps")
     p.add_argument("--stages", default=",".join(STAGES), help="stages to train; the others are loaded from --out")
+    p.add_argument("--from", dest="source", default=None,
+                   help="load the stages not trained from this world folder (default: --out); its CLIP and "
+                        "detector are copied into --out")
     p.add_argument("--init-unet", default=None, help="start the UNet stage from this saved UNet instead of scratch")
     p.add_argument("--resume", action="store_true",
                    help=f"continue the UNet stage from --out/{UNET_STATE} (its last checkpoint); use with --stages unet")
@@ -662,7 +724,8 @@ def main(argv=None):
     if args.resume and "vae" in stages:
         p.error("--resume continues the UNet stage on the latents of the VAE already trained: use --stages unet")
     log = build_world(Path(args.out), cfg, device, args.workers, stages, Path(args.init_unet) if args.init_unet else None,
-                      None if args.no_cache else Path(args.cache_dir).expanduser(), args.resume)
+                      None if args.no_cache else Path(args.cache_dir).expanduser(), args.resume,
+                      Path(args.source) if args.source else None)
     print(json.dumps(log, indent=2))
 
 
