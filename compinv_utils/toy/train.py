@@ -32,12 +32,12 @@ Profiles (the times are estimates from measured per-step costs, not measurements
 training log records the real ones):
 
 - ``cpu-full`` — a 2-core CPU: render 30,000 scenes (~2 min, then ~2 min tokenising), VAE 1,800 steps of
-  batch 64 at ~0.8 s (~25 min), CLIP 1,200 steps of batch 128 (~14 min), detector 1,500 steps of batch 64
-  (~2 min), UNet 7,000 steps of batch 64 with the grounding loss at ~0.5–0.6 s (~60–70 min). With
+  batch 64 at ~0.94 s (~28 min), CLIP 1,200 steps of batch 128, detector 1,500 steps of batch 64, UNet
+  6,500 steps of batch 32 with the grounding loss at ~0.62 s (~67 min; 4,021 s measured). With
   ``--stages vae,unet --from data/toy`` the CLIP and detector trained on a GPU are kept (~100 min in all).
 - ``gpu`` — one recent GPU (an H200-class card): 100,000 scenes, the ``full`` VAE/CLIP/detector stages,
   UNet 30,000 steps of batch 256 with the grounding loss; not yet run on a GPU.
-- ``full`` — the first edition's sizes (its UNet stage was cut short; see ``data/toy/training_log.json``);
+- ``full`` — the first edition's stage sizes (its UNet stage was cut short; see ``data/toy/training_log.json``);
   ``cpu-unet`` continues a UNet on a CPU; ``smoke`` checks the code path.
 """
 
@@ -285,7 +285,8 @@ def vae_loss(rec: torch.Tensor, x: torch.Tensor, objects: torch.Tensor | None = 
     and the edge term (a two-colour pattern averaged into its mean colour costs little squared error but a
     lot of gradient error)."""
     err = rec - x
-    per_pixel = (err ** 2 + 0.5 * err.abs()).mean(1)  # (B, H, W)
+    sq = err ** 2
+    per_pixel = (sq + 0.5 * err.abs()).mean(1)  # (B, H, W)
     if objects is not None and object_weight:
         w = 1 + object_weight * objects
         loss = (w * per_pixel).sum() / w.sum()
@@ -295,7 +296,7 @@ def vae_loss(rec: torch.Tensor, x: torch.Tensor, objects: torch.Tensor | None = 
         dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
         dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
         loss = loss + edge_weight * ((dx(rec) - dx(x)).abs().mean() + (dy(rec) - dy(x)).abs().mean())
-    return loss, (err ** 2).mean()
+    return loss, sq.mean()
 
 
 def object_pixels(masks: np.ndarray, size: int = IMAGE_SIZE) -> torch.Tensor:
@@ -617,22 +618,31 @@ def build_world(out: Path, cfg: TrainConfig, device: torch.device, workers: int,
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     log: dict = {"config": asdict(cfg), "device": str(device), "torch": torch.__version__, "stages": list(stages),
-                 "init_unet": str(init_unet) if init_unet else None, "stages_s": {},
-                 "loaded_from": str(source) if source and Path(source).resolve() != out.resolve() else None}
+                 "init_unet": str(init_unet) if init_unet else None, "stages_s": {}}
     t0 = time.time()
 
     def stage(name):
         log["stages_s"][name] = round(time.time() - t0 - sum(log["stages_s"].values()), 1)
 
     src = Path(source) if source else out
+    elsewhere = src.resolve() != out.resolve()
+    log["loaded_from"] = str(src) if elsewhere else None
+
+    def missing(name):
+        return FileNotFoundError(f"stage output {name} is missing from {src}: run that stage too")
 
     def load_part(cls, *names):
         for name in names:
             if (src / name).exists():
-                if cls.__name__ == "CLIPModel" and src.resolve() != out.resolve():
-                    shutil.copytree(src / name, out / name, dirs_exist_ok=True)
                 return cls.from_pretrained(src / name, dtype=torch.float32).to(device).eval()
-        raise FileNotFoundError(f"stage output {names[0]} is missing from {src}: run that stage too")
+        raise missing(names[0])
+
+    def carry(name):
+        """A saved stage's folder that the assembled world keeps (CLIP, detector): copied from ``src``."""
+        if elsewhere:
+            if not (src / name).is_dir():
+                raise missing(name)
+            shutil.copytree(src / name, out / name, dirs_exist_ok=True)
 
     tokenizer = build_tokenizer(render.caption_words())
     stage("tokenizer")
@@ -654,14 +664,13 @@ def build_world(out: Path, cfg: TrainConfig, device: torch.device, workers: int,
         tokenizer.save_pretrained(clip_dir)
     else:
         clip = load_part(CLIPModel, "clip")
+        carry("clip")
     stage("clip")
     if "detector" in stages:
         det = train_detector(data, cfg, device, log)
         det.to("cpu").save_pretrained(out / "detector")
-    elif src.resolve() != out.resolve():
-        if not (src / "detector").is_dir():
-            raise FileNotFoundError(f"stage output detector is missing from {src}: run that stage too")
-        shutil.copytree(src / "detector", out / "detector", dirs_exist_ok=True)
+    else:
+        carry("detector")
     stage("detector")
     text_encoder = text_tower(clip)
     if "unet" in stages:
