@@ -10,7 +10,8 @@ from transformers import CLIPConfig, CLIPModel
 
 IMAGE_SIZE = 32  # pixels
 LATENT_SIZE = 8  # the VAE downsamples by 4 (three blocks)
-LATENT_CHANNELS = 8  # SD 1.5 has 4; two colours and a pattern's phase per 4x4-pixel cell need more (see train.py)
+LATENT_CHANNELS = 16  # SD 1.5 has 4 (SD 3 has 16); two colours, a pattern's phase and an outline per 4x4-pixel
+# cell need more than 4 or 8 (see train.py)
 TEXT_DIM = 128  # width of the text tower = the UNet's cross-attention dimension
 MAX_TOKENS = 77  # as in SD 1.5
 

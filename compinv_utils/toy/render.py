@@ -259,12 +259,14 @@ def _transform(obj: SceneObject, n: int):
 def _pattern_mask(pattern: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     if pattern == "plain":
         return np.zeros_like(u, dtype=bool)
+    # Periods of ~0.9 icon units (about 6 px in a 32 px scene): a pattern spans at least a latent cell (4 px),
+    # as the details that identify a concept in Stable Diffusion span its 8 px cells.
     if pattern == "striped":
-        return np.mod(v + u * 0.35, 0.5) < 0.22
+        return np.mod(v + u * 0.35, 0.9) < 0.42
     if pattern == "dotted":
-        return (np.mod(u, 0.55) - 0.275) ** 2 + (np.mod(v, 0.55) - 0.275) ** 2 < 0.13**2
+        return (np.mod(u, 0.9) - 0.45) ** 2 + (np.mod(v, 0.9) - 0.45) ** 2 < 0.24**2
     if pattern == "checked":
-        return (np.floor(u / 0.45) + np.floor(v / 0.45)) % 2 == 0
+        return (np.floor(u / 0.8) + np.floor(v / 0.8)) % 2 == 0
     raise ValueError(f"unknown pattern {pattern!r}; choose one of {PATTERNS}")
 
 
@@ -339,11 +341,15 @@ def article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def describe(obj: SceneObject, colour: bool, pattern: bool) -> str:
+def describe(obj: SceneObject, colour: bool, pattern: bool, colour2: bool = False) -> str:
+    """``"a purple cat"``, ``"a striped cat"``, ``"a purple striped cat"`` or, with ``colour2`` (only when
+    the colour and a pattern are both named), ``"a purple and yellow striped cat"``."""
     words = []
     if colour:
         words.append(obj.colour)
     if pattern and obj.pattern != "plain":
+        if colour and colour2:
+            words += ["and", obj.colour2]
         words.append(obj.pattern)
     return article(" ".join(words + [obj.noun]))
 
@@ -353,16 +359,20 @@ class CaptionPolicy:
     p_colour: float = 0.5  # probability that an object's colour is named
     p_pattern: float = 0.5  # probability that a (non-plain) pattern is named
     p_background: float = 0.5  # probability that the background is named
+    # probability that the pattern's second colour is named too, when colour and pattern are: without it no
+    # word moves the second colour, and an inverted token could not carry a concept's full look
+    p_colour2: float = 0.5
 
 
-FULL = CaptionPolicy(1.0, 1.0, 1.0)
-NOUNS_ONLY = CaptionPolicy(0.0, 0.0, 0.0)
+FULL = CaptionPolicy(1.0, 1.0, 1.0, 0.0)  # every attribute the first edition's captions could name
+NOUNS_ONLY = CaptionPolicy(0.0, 0.0, 0.0, 0.0)
 
 
 def caption(scene: Scene, rng: np.random.Generator | int = 0, policy: CaptionPolicy = CaptionPolicy()) -> str:
     """A caption for the scene: nouns always, attributes each with the policy's probability."""
     rng = np.random.default_rng(rng) if isinstance(rng, (int, np.integer)) else rng
-    phrases = [describe(o, rng.random() < policy.p_colour, rng.random() < policy.p_pattern) for o in scene.objects]
+    phrases = [describe(o, rng.random() < policy.p_colour, rng.random() < policy.p_pattern,
+                        bool(policy.p_colour2) and rng.random() < policy.p_colour2) for o in scene.objects]
     if len(phrases) == 2 and rng.random() < 0.5:
         phrases.reverse()
     if len(phrases) == 1:

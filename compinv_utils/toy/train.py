@@ -73,7 +73,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 CAPTIONS_PER_SCENE = 4  # captions drawn once per scene and stored tokenised (a step picks one of them)
 MASK_SIZE = 8  # object masks at the latent resolution
-DATA_VERSION = 1  # bump when the rendered arrays change, so that old caches are not reused
+DATA_VERSION = 2  # bump when the rendered arrays change, so that old caches are not reused
 
 
 @dataclass(frozen=True)
@@ -110,8 +110,8 @@ PROFILES = {
     # A whole world on a 2-core CPU in under 2 hours (see the module docstring for the estimate).
     "cpu-full": TrainConfig(n_scenes=30_000, vae_steps=1_800, vae_batch=64, clip_steps=1_200, clip_batch=128,
                             unet_steps=6_500, unet_batch=32, unet_lr=2e-4, unet_warmup=300, ema_decay=0.999,
-                            unet_checkpoint_every=500, det_steps=1_500, det_batch=64, ground_weight=0.2,
-                            ground_pixel_weight=0.05),
+                            unet_checkpoint_every=500, det_steps=1_500, det_batch=64, ground_weight=0.1,
+                            ground_pixel_weight=0.025),
     # A whole world on one GPU: more scenes and three times the UNet steps of "full" (see the module docstring).
     "gpu": TrainConfig(n_scenes=100_000, unet_steps=30_000, unet_warmup=1_000, ema_decay=0.9995,
                        unet_checkpoint_every=2_000, ground_weight=0.2, ground_pixel_weight=0.05),
