@@ -47,6 +47,22 @@ def test_captions_always_name_nouns_and_sometimes_attributes():
     assert render.caption(scene, 0, render.NOUNS_ONLY).split()[-1] in ("dog", "cup")
 
 
+def test_captions_can_name_a_patterns_second_colour_only_beside_its_colour_and_pattern():
+    scene = render.sample_scene(3, ["dog"], objects=({"colour": "red", "colour2": "green", "pattern": "striped"},))
+    both = render.CaptionPolicy(1.0, 1.0, 0.0, 1.0)
+    assert render.caption(scene, 0, both).endswith("a red and green striped dog")
+    no_pattern = render.CaptionPolicy(1.0, 0.0, 0.0, 1.0)  # the second colour is only named with its pattern
+    assert "green" not in render.caption(scene, 0, no_pattern).split()
+    no_colour = render.CaptionPolicy(0.0, 1.0, 0.0, 1.0)
+    assert render.caption(scene, 0, no_colour).endswith("a striped dog")
+    # FULL names what the first edition's captions could, so the CLIP retrieval bar stays comparable
+    assert "green" not in render.caption(scene, 0, render.FULL).split()
+    caps = [render.caption(scene, np.random.default_rng(i)) for i in range(200)]
+    named = [c for c in caps if "green" in c.split()]
+    assert 0 < len(named) < len(caps) and all("red and green striped dog" in c for c in named)
+    assert set(" ".join(caps).split()) <= set(render.caption_words())
+
+
 def test_articles():
     assert render.article("orange cat") == "an orange cat" and render.article("cat") == "a cat"
 
