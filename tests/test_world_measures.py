@@ -119,6 +119,18 @@ def test_concept_look_skips_missing_inversions_and_unloads_the_token(fast, probe
     assert res["summary"]["concepts"] == 1
 
 
+def test_look_counts_colour_and_pattern_together_and_all_three_together():
+    spec = render.CONCEPTS[0]  # purple, yellow, striped
+
+    class Reads:  # what a probe would say of four crops
+        def read(self, crops):
+            return ([{spec.colour, spec.colour2}, {spec.colour}, {spec.colour2}, {spec.colour, spec.colour2}],
+                    [spec.pattern, spec.pattern, spec.pattern, "plain"])
+
+    look = E._look(Reads(), [None] * 4, spec)
+    assert look == {"colour": 0.75, "colour2": 0.75, "pattern": 0.75, "colour_pattern": 0.5, "all": 0.25, "n": 4}
+
+
 def test_sample_quality_reports_a_frechet_distance(fast):
     res = E.eval_sample_quality(fast, n=16, batch_size=16)
     assert res["n"] == 16 and res["feature_dim"] == 128

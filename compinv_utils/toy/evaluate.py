@@ -389,15 +389,17 @@ def train_attribute_probe(world, n_scenes: int = 2400, epochs: int = 12, channel
 
 
 def _look(probe: AttributeProbe, crops, spec: render.ConceptSpec) -> dict:
-    """Fractions of ``crops`` in which the probe sees the concept's colour, second colour, pattern, and all three."""
+    """Fractions of ``crops`` in which the probe sees the concept's colour, second colour, pattern, colour and
+    pattern together (``colour_pattern``: the issue's bar) and all three (``all``: stricter)."""
     if not crops:
-        return {"colour": float("nan"), "colour2": float("nan"), "pattern": float("nan"), "all": float("nan"), "n": 0}
+        return {"colour": float("nan"), "colour2": float("nan"), "pattern": float("nan"),
+                "colour_pattern": float("nan"), "all": float("nan"), "n": 0}
     sets, patterns = probe.read(crops)
     c = np.array([spec.colour in s for s in sets])
     c2 = np.array([spec.colour2 in s for s in sets])
     p = np.array([q == spec.pattern for q in patterns])
     return {"colour": float(c.mean()), "colour2": float(c2.mean()), "pattern": float(p.mean()),
-            "all": float((c & c2 & p).mean()), "n": len(crops)}
+            "colour_pattern": float((c & p).mean()), "all": float((c & c2 & p).mean()), "n": len(crops)}
 
 
 def eval_concept_look(world, inversions_root: str | os.PathLike | None = None, samples: int = 8, seed: int = 0,
@@ -468,8 +470,14 @@ def eval_concept_look(world, inversions_root: str | os.PathLike | None = None, s
         summary["alignment_diff"] = mean(lambda r: r["alignment_diff"])
         summary["concepts_alignment_above_superclass"] = int(sum(r["alignment_diff"] > 0 for r in per.values()))
         summary |= {f"look_{a}_{g}": mean(lambda r: r[g]["look"][a])
-                    for g in groups for a in ("colour", "colour2", "pattern", "all")}
+                    for g in groups for a in ("colour", "colour2", "pattern", "colour_pattern", "all")}
         summary["concepts_look_above_superclass"] = int(sum(r["look_all_diff"] > 0 for r in per.values()))
+        # the bars: object-crop alignment at least 0.15 above the superclass's, and colour + pattern on the object
+        # in at least 60 % of the samples, each for at least 4 of 5 concepts
+        summary["concepts_alignment_above_superclass_by_0.15"] = int(sum(r["alignment_diff"] >= 0.15
+                                                                          for r in per.values()))
+        summary["concepts_colour_pattern_at_least_0.6"] = int(sum(r["with_token"]["look"]["colour_pattern"] >= 0.6
+                                                                  for r in per.values()))
         res["summary"] = summary | {"concepts": len(per)}
     if notes:
         res["notes"] = notes
