@@ -131,6 +131,12 @@ def test_look_counts_colour_and_pattern_together_and_all_three_together():
     assert look == {"colour": 0.75, "colour2": 0.75, "pattern": 0.75, "colour_pattern": 0.5, "all": 0.25, "n": 4}
 
 
+def test_detector_is_measured_on_renderings_and_on_their_vae_round_trips(fast):
+    res = E.eval_detector(fast, n=8)
+    assert res["n_scenes"] == 8
+    assert 0 <= res["mAP"] <= 1 and 0 <= res["mAP_vae_roundtrip"] <= 1
+
+
 def test_sample_quality_reports_a_frechet_distance(fast):
     res = E.eval_sample_quality(fast, n=16, batch_size=16)
     assert res["n"] == 16 and res["feature_dim"] == 128

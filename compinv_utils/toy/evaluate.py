@@ -89,7 +89,10 @@ def eval_detector(world, n: int = 500) -> dict:
         images.append(img)
         truths.append(boxes)
     dets = world.detect(images, threshold=0.05)
-    return detection_map(dets, truths, world.concepts) | {"n_scenes": n}
+    # generated images are decoded by the VAE: the detector must read its round trips as well as renderings
+    decoded = world.detect(vae_roundtrip(world, images), threshold=0.05)
+    return detection_map(dets, truths, world.concepts) | {
+        "mAP_vae_roundtrip": detection_map(decoded, truths, world.concepts)["mAP"], "n_scenes": n}
 
 
 def eval_clip_retrieval(world, n: int = 500, group: int = 100) -> dict:
