@@ -45,7 +45,7 @@ def run_ablation(world_dir: Path, work: Path, steps: int, profile: str = "cpu-fu
         raise ValueError(f"profile {profile!r} has no grounding loss to ablate; use cpu-full or gpu")
     res = {"command": f"python -m compinv_utils.toy.ablation --steps {steps} --profile {profile} --world {world_dir}",
            "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {dev}",
-           "profile": profile, "steps": steps, "world": str(world_dir), "variants": {}}
+           "profile": profile, "steps": steps, "world": str(world_dir), "config": asdict(base), "variants": {}}
     for name in VARIANTS:
         cfg = base if name == "with_grounding" else replace(base, ground_weight=0.0, ground_pixel_weight=0.0)
         out = Path(work) / name
@@ -60,7 +60,6 @@ def run_ablation(world_dir: Path, work: Path, steps: int, profile: str = "cpu-fu
                "training_log": {k: v for k, v in log.items() if k.startswith("unet_")}}
         row["eval_s"] = round(time.perf_counter() - t, 1)
         res["variants"][name] = row
-        res["config"] = asdict(base)
         print(name, json.dumps({k: row["attention"].get(k) for k in ("own_share", "partner_share", "iou")}))
     return res
 

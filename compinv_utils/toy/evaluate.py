@@ -393,7 +393,7 @@ def train_attribute_probe(world, n_scenes: int = 2400, epochs: int = 12, channel
 
 def _look(probe: AttributeProbe, crops, spec: render.ConceptSpec) -> dict:
     """Fractions of ``crops`` in which the probe sees the concept's colour, second colour, pattern, colour and
-    pattern together (``colour_pattern``: the issue's bar) and all three (``all``: stricter)."""
+    pattern together (``colour_pattern``: what the world's quality bar asks) and all three (``all``: stricter)."""
     if not crops:
         return {"colour": float("nan"), "colour2": float("nan"), "pattern": float("nan"),
                 "colour_pattern": float("nan"), "all": float("nan"), "n": 0}
