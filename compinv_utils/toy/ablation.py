@@ -43,7 +43,8 @@ def run_ablation(world_dir: Path, work: Path, steps: int, profile: str = "cpu-fu
     base = replace(PROFILES[profile], unet_steps=steps)
     if not (base.ground_weight or base.ground_pixel_weight):
         raise ValueError(f"profile {profile!r} has no grounding loss to ablate; use cpu-full or gpu")
-    res = {"command": f"python -m compinv_utils.toy.ablation --steps {steps} --profile {profile} --world {world_dir}",
+    res = {"command": f"python -m compinv_utils.toy.ablation --steps {steps} --profile {profile} --world {world_dir} "
+                      f"--pairs {n_pairs}",
            "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {dev}",
            "profile": profile, "steps": steps, "world": str(world_dir), "config": asdict(base), "variants": {}}
     for name in VARIANTS:
@@ -74,12 +75,14 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--cache-dir", default=None, help="the rendered data set's cache (see compinv_utils.toy.train)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--pairs", type=int, default=24, help="generated noun pairs on which attention is measured")
     args = p.parse_args(argv)
     from ..world import TOY_DIR
     from .train import DEFAULT_CACHE
 
     res = run_ablation(Path(args.world) if args.world else TOY_DIR, Path(args.work), args.steps, args.profile,
-                       args.workers, Path(args.cache_dir or DEFAULT_CACHE).expanduser(), args.device)
+                       args.workers, Path(args.cache_dir or DEFAULT_CACHE).expanduser(), args.device,
+                       n_pairs=args.pairs)
     write_text(args.out, json.dumps(res, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -23,10 +23,11 @@ interruption. ``ground_weight`` / ``ground_pixel_weight`` (profiles ``cpu-full``
 tokens' cross-attention (TokenCompose, Wang et al., CVPR 2024). Scenes in which an object has the look of
 a concept of interest are redrawn, so no concept is ever seen in training.
 
-The VAE has 8 latent channels (SD 1.5: 4) and a reconstruction loss that weights object pixels and adds an
-L1 term on image gradients (:func:`vae_loss`): with 4 channels and a plain squared error, a two-colour
-pattern on a 4x4-pixel latent cell came back as its mean colour, so no inversion could carry a concept's
-look through the decoder.
+The VAE has 16 latent channels (SD 1.5: 4; SD 3: 16) and a reconstruction loss that weights object pixels
+and adds an L1 term on image gradients (:func:`vae_loss`): with 4 or 8 channels and a plain squared error, a
+two-colour pattern on a 4x4-pixel latent cell came back as its mean colour, so no inversion could carry a
+concept's look through the decoder. The renderer draws patterns with a period of about 6 pixels, above the
+latent cell, for the same reason.
 
 Profiles (the times are estimates from measured per-step costs, not measurements of the runs; the
 training log records the real ones):
