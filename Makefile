@@ -46,11 +46,15 @@ test-fast: install
 test-slow: install
 	$(BIN)/python -m pytest -q tests -m slow
 
+# The committed world's two CPU runs (about 100 + 100 minutes on 2 cores), written to runs/ beside the committed
+# world: the VAE (its UNet is replaced), then the UNet alone on that VAE; the CLIP and detector are data/toy's.
 toy-world: install
-	$(BIN)/python -m compinv_utils.toy.train --out data/toy
+	$(BIN)/python -m compinv_utils.toy.train --out runs/world3 --profile cpu-full --stages vae,unet --from data/toy --workers 2 --cache-dir runs/cache
+	$(BIN)/python -m compinv_utils.toy.train --out runs/world4 --profile cpu-full --stages unet --from runs/world3 --unet-steps 9000 --workers 2 --cache-dir runs/cache
+	@echo "The rebuilt world is in runs/world4: COMPINV_TOY_DIR=runs/world4 make evaluate-world measures it."
 
 evaluate-world: install
-	$(BIN)/python -m compinv_utils.toy.evaluate --out data/toy/quality.json
+	$(BIN)/python -m compinv_utils.toy.evaluate --out $${COMPINV_TOY_DIR:-data/toy}/quality.json
 
 strip:
 	$(BIN)/nbstripout --keep-output --keep-count --extra-keys 'metadata.language_info' notebooks/*.ipynb
