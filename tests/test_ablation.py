@@ -34,6 +34,18 @@ def test_the_two_runs_differ_only_by_the_grounding_loss_and_are_both_measured(ti
     assert set(weights[0]) == set(weights[1])
     # same seed, data and steps: only the grounding term can make the weights differ
     assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    for row in rows.values():
+        assert row["attention_renderings"]["pairs"] == 32 and 0 <= row["attention_renderings"]["own_share"] <= 1
+    # measuring the trained UNets again gives the same numbers, without training
+    again = ablation.run_ablation(TOY_DIR, tmp_path / "work", steps=2, profile=tiny_profile, workers=1,
+                                  cache_dir=tmp_path / "cache", n_pairs=2, per_noun=1, per_pair=1, measure_only=True)
+    for name in ablation.VARIANTS:
+        for key in ("attention", "attention_renderings", "generation"):
+            assert again["variants"][name][key] == rows[name][key], (name, key)
+    with pytest.raises(ValueError, match="steps"):
+        ablation.run_ablation(TOY_DIR, tmp_path / "work", steps=3, profile=tiny_profile, measure_only=True)
+    with pytest.raises(FileNotFoundError, match="--measure-only"):
+        ablation.run_ablation(TOY_DIR, tmp_path / "elsewhere", steps=2, profile=tiny_profile, measure_only=True)
 
 
 def test_a_profile_without_grounding_or_a_folder_without_a_world_is_refused(tmp_path):

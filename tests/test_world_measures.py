@@ -88,6 +88,17 @@ def test_attention_localisation_reports_shares_iou_and_cosine(fast):
         assert set(res["by_position"]) == {"first_noun", "second_noun"}
 
 
+def test_attention_on_renderings_needs_no_detection_and_is_deterministic(toy_world):
+    res = E.eval_attention_on_renderings(toy_world, n_pairs=4, timesteps=(500,), seed=0)
+    assert res["pairs"] == 4 and res["timesteps"] == [500]
+    for key in ("own_share", "partner_share", "uniform_own_share", "iou"):
+        assert 0 <= res[key] <= 1, key
+    assert res["own_share"] + res["partner_share"] <= 1 + 1e-6  # the two objects' masks do not overlap
+    assert 0 < res["uniform_own_share"] < 0.5  # an object covers part of the 8x8 grid
+    assert res["own_minus_partner"] == pytest.approx(res["own_share"] - res["partner_share"])
+    assert E.eval_attention_on_renderings(toy_world, n_pairs=4, timesteps=(500,), seed=0) == res
+
+
 def test_attribute_probe_reads_colour_well_above_chance(probe_and_accuracy):
     _, acc = probe_and_accuracy
     assert acc["n_test_scenes"] == 80
