@@ -594,14 +594,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="data/toy/quality.json")
     p.add_argument("--skip", nargs="*", default=[],
-                   help="parts to skip: detector clip generation speed inversion attention look quality")
+                   help="parts to skip: detector clip generation speed inversion attention attention_renderings "
+                        "look quality")
     args = p.parse_args(argv)
     world = load_world("toy")
     old = json.loads(open(args.out).read()) if args.skip and os.path.exists(args.out) else {}
     res = old | {"hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {world.device}",
            "command": "python -m compinv_utils.toy.evaluate"}
     parts = {"detector": eval_detector, "clip": eval_clip_retrieval, "generation": eval_generation, "speed": eval_speed,
-             "inversion": eval_inversion, "attention": eval_attention_localisation, "look": eval_concept_look,
+             "inversion": eval_inversion, "attention": eval_attention_localisation,
+             "attention_renderings": eval_attention_on_renderings, "look": eval_concept_look,
              "quality": eval_sample_quality}
     for name, fn in parts.items():
         if name in args.skip:
