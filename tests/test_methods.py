@@ -232,7 +232,7 @@ def test_recording_attention_wraps_custom_diffusion_processors(cd):
     unet, pipe = world.pipe.unet, world.pipe
     procs = dict(unet.attn_processors)
     cond, _ = pipe.encode_prompt(cd["prompt"], "cpu", 1, True)
-    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = unet(x, 500, cond).sample
         with attention_store(unet, AttentionStore(average_heads=False)) as store:
@@ -275,7 +275,7 @@ def test_query_projection_of_custom_diffusion_is_used_when_trained(fresh):
             procs[name].to_q_custom_diffusion.weight.zero_()
             cond, _ = fresh.pipe.encode_prompt("a cat", "cpu", 1, True)
             with attention_store(unet) as store:
-                unet(torch.randn(1, 4, 8, 8), 500, cond)
+                unet(torch.randn(1, unet.config.in_channels, 8, 8), 500, cond)
         assert torch.allclose(store.maps[0][name], torch.full_like(store.maps[0][name], 1 / 77))
         assert _same_processors(unet, procs)
     finally:
