@@ -277,7 +277,7 @@ def eval_attention_on_renderings(world, n_pairs: int = 32, timesteps: Sequence[i
 
     pipe = world.pipe
     pairs = training_pairs(world, n_pairs, seed)
-    scenes = [render.sample_scene(10_000_000 + seed * 1_000 + k, nouns=list(p)) for k, p in enumerate(pairs)]
+    scenes = [render.sample_scene(EVAL_SEED + seed * 1_000 + k, nouns=list(p)) for k, p in enumerate(pairs)]
     images = [render.draw_scene(sc)[0] for sc in scenes]
     masks = torch.tensor(np.stack([render.object_masks(sc, 8) for sc in scenes]))  # (N, 2, 8, 8), scene order
     prompts = [pair_prompt(a, b) for a, b in pairs]
