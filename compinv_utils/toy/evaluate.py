@@ -285,9 +285,7 @@ def eval_attention_on_renderings(world, n_pairs: int = 32, timesteps: Sequence[i
     with torch.no_grad():
         pixels = pipe.image_processor.preprocess(images).to(dev, dtype)
         latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-        ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(dev)
-        cond = pipe.text_encoder(ids)[0]
+        cond, _ = pipe.encode_prompt(prompts, dev, 1, False)
         gen = torch.Generator("cpu").manual_seed(seed)
         store = AttentionStore(keep_similarity=False, resolutions=(8,))
         acc = None
