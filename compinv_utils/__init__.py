@@ -2,8 +2,8 @@
 
 from .course import Claims, load_or_compute, setup_figures
 from .world import (WORLDS, ConceptOfInterest, World, data_root, load_photos, load_world, register_world,
-                    seed_everything)
+                    seed_everything, shown_path)
 
 __all__ = ["WORLDS", "Claims", "ConceptOfInterest", "World", "data_root", "load_or_compute", "load_photos", "load_world",
-           "register_world", "seed_everything", "setup_figures"]
+           "register_world", "seed_everything", "setup_figures", "shown_path"]
 __version__ = "0.1.0"

@@ -30,6 +30,18 @@ def data_root() -> Path:
     return Path(os.environ.get("COMPINV_DATA") or REPO_ROOT / "data")
 
 
+def shown_path(path: str | Path) -> str:
+    """``path`` for printing and for files that are committed: relative to the repository (or to the folder that
+    holds ``data_root()``) when inside it, so outputs read the same in every clone; otherwise unchanged."""
+    path = Path(path)
+    for base in (REPO_ROOT, data_root().parent):
+        try:
+            return path.resolve().relative_to(base.resolve()).as_posix()
+        except ValueError:
+            continue
+    return str(path)
+
+
 TOY_DIR = Path(os.environ.get("COMPINV_TOY_DIR") or data_root() / "toy")
 
 SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -325,11 +337,11 @@ def _load_part(cls, folder: Path, **kwargs):
 def toy_measures(root: Path, device: torch.device, dtype: torch.dtype):
     """The toy world's measuring models from ``root``: its CLIP (model, tokenizer, image processor) and its
     detector, loaded quietly onto ``device``."""
-    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+    with quiet_loading():  # also the import: without torchvision, transformers warns that it falls back to PIL
+        from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-    from .toy.models import ToyDetector
+        from .toy.models import ToyDetector
 
-    with quiet_loading():
         clip = _load_part(CLIPModel, root / "clip", dtype=dtype).to(device).eval()
         det = _load_part(ToyDetector, root / "detector").to(device).eval()
         return clip, CLIPTokenizer.from_pretrained(root / "clip"), CLIPImageProcessor.from_pretrained(root / "clip"), det
@@ -350,7 +362,8 @@ def load_toy_world(root: str | Path | None = None, device: str | torch.device | 
     """The toy world, on the CPU in fp32 unless ``device`` (or ``$COMPINV_DEVICE``) asks for another one: its
     chapters compare live results with cached CPU ones exactly. ``concepts_dir``: your own photo folders as
     the concepts of interest instead of the rendered ones (resized to 32 px)."""
-    from diffusers import StableDiffusionPipeline
+    with quiet_loading():  # the import too (see toy_measures)
+        from diffusers import StableDiffusionPipeline
 
     from .toy import render
 

@@ -125,6 +125,15 @@ def test_data_root_follows_the_environment(monkeypatch, tmp_path, toy_world):
     assert W.data_root() == tmp_path and toy_world.data_dir == tmp_path / "toy"
 
 
+def test_shown_path_is_relative_inside_the_clone_and_unchanged_outside(monkeypatch, tmp_path):
+    monkeypatch.delenv("COMPINV_DATA", raising=False)
+    assert W.shown_path(W.REPO_ROOT / "data" / "toy") == "data/toy"
+    assert W.shown_path(tmp_path / "x") == str(tmp_path / "x")
+    clone = tmp_path / "clone"  # a regular install: the package elsewhere, the data in the clone
+    monkeypatch.setenv("COMPINV_DATA", str(clone / "data"))
+    assert W.shown_path(clone / "data" / "toy" / "layout") == "data/toy/layout"
+
+
 def test_toy_world_stays_on_the_cpu_in_fp32_unless_asked(monkeypatch):
     monkeypatch.delenv("COMPINV_DEVICE", raising=False)
     dev, dtype = W._device(None, "cpu")

@@ -35,7 +35,7 @@ from ..files import write_text
 from ..guidance import GuidanceConfig, guided_generate
 from ..layout import box_iou, box_to_mask
 from ..metrics import found, image_alignment, object_alignment, pair_prompt
-from ..world import REPO_ROOT, best_box, crop
+from ..world import best_box, crop, shown_path
 from . import render
 
 EVAL_SEED = 10_000_000
@@ -456,14 +456,6 @@ def _look(probe: AttributeProbe, crops, spec: render.ConceptSpec) -> dict:
             "colour_pattern": float((c & p).mean()), "all": float((c & c2 & p).mean()), "n": len(crops)}
 
 
-def _shown(path: Path) -> str:
-    """``path`` as recorded in quality.json: relative to the repository when inside it, so the file is portable."""
-    try:
-        return Path(path).resolve().relative_to(REPO_ROOT).as_posix()
-    except ValueError:
-        return str(path)
-
-
 def eval_concept_look(world, inversions_root: str | os.PathLike | None = None, samples: int = 8, seed: int = 0,
                       probe: AttributeProbe | None = None, probe_scenes: int = 2400) -> dict:
     """A concept's look on the object itself, not on the scene it was photographed in.
@@ -524,7 +516,7 @@ def eval_concept_look(world, inversions_root: str | os.PathLike | None = None, s
         vals = [v for v in map(get, per.values()) if not np.isnan(v)]
         return float(np.mean(vals)) if vals else float("nan")
 
-    res = {"per_concept": per, "samples": samples, "steps": world.num_inference_steps, "inversions": _shown(root),
+    res = {"per_concept": per, "samples": samples, "steps": world.num_inference_steps, "inversions": shown_path(root),
            "probe": probe_acc if probe_acc is not None else "given"}
     if per:
         groups = ("with_token", "superclass", "photos", "photos_vae_roundtrip")
