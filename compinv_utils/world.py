@@ -362,9 +362,6 @@ def load_toy_world(root: str | Path | None = None, device: str | torch.device | 
     """The toy world, on the CPU in fp32 unless ``device`` (or ``$COMPINV_DEVICE``) asks for another one: its
     chapters compare live results with cached CPU ones exactly. ``concepts_dir``: your own photo folders as
     the concepts of interest instead of the rendered ones (resized to 32 px)."""
-    with quiet_loading():  # the import too (see toy_measures)
-        from diffusers import StableDiffusionPipeline
-
     from .toy import render
 
     root = Path(root or TOY_DIR)
@@ -372,7 +369,9 @@ def load_toy_world(root: str | Path | None = None, device: str | torch.device | 
         raise FileNotFoundError(f"the toy world's weights are missing from {root}; rebuild them with `make toy-world` "
                                 "(python -m compinv_utils.toy.train --out data/toy)")
     dev, dtype = _device(device, "cpu")
-    with quiet_loading():
+    with quiet_loading():  # the import too (see toy_measures)
+        from diffusers import StableDiffusionPipeline
+
         pipe = _load_part(StableDiffusionPipeline, root / "pipeline", dtype=dtype).to(dev)
     clip, clip_tokenizer, clip_processor, det = toy_measures(root, dev, dtype)
     pipe.set_progress_bar_config(disable=True)
