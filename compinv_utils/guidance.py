@@ -29,6 +29,7 @@ with ``σ_t² = (1 − ᾱ_t) / ᾱ_t``. Since ``∇_x L = √ᾱ_t ∇_z L``, t
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -370,14 +371,18 @@ def _sync(device) -> None:
 
 
 def measure_cost(world, prompts: Sequence[str], words, boxes, seeds: Sequence[int] | None = None,
-                 config: GuidanceConfig = GuidanceConfig(), reps: int = 5, **kwargs) -> dict:
+                 config: GuidanceConfig = GuidanceConfig(), reps: int = 5, runs: int = 3, **kwargs) -> dict:
     """Wall time of plain vs guided sampling of the same batch, and the *pass-count floor*.
 
     Plain sampling makes one classifier-free-guidance UNet call per step (batch 2B); guided sampling adds
     one conditional forward pass that keeps the graph (batch B) and one backward pass per update. Each
     kind of pass is timed on its own (``reps`` times, after a warm-up); the floor is the time the passes
-    alone would take, as a multiple of plain sampling's. ``vs_floor`` = measured ratio / floor ratio.
+    alone would take, as a multiple of plain sampling's. Plain and guided sampling are each run ``runs``
+    times, alternating, and the median of each is used, so that one slow run on a shared CPU does not
+    decide the ratio. ``vs_floor`` = measured ratio / floor ratio.
     """
+    if runs < 1 or reps < 1:
+        raise ValueError(f"runs and reps must be at least 1 (got runs={runs}, reps={reps})")
     prompts = list(prompts)
     B = len(prompts)
     if "batch_size" in kwargs:
@@ -387,13 +392,15 @@ def measure_cost(world, prompts: Sequence[str], words, boxes, seeds: Sequence[in
     dev = world.device
     guided_generate(world, prompts[:1], words[:1], boxes[:1], config=GuidanceConfig(guided_steps=1, inner_iters=1),
                     num_inference_steps=2, height=kwargs.get("height"), width=kwargs.get("width"))  # warm-up
-    timings = {}
-    for name, cfg in (("plain", GuidanceConfig(guided_steps=0)), ("guided", config)):
-        _sync(dev)
-        t = time.perf_counter()
-        out = guided_generate(world, prompts, words, boxes, seeds=seeds, config=cfg, **kwargs)
-        _sync(dev)
-        timings[name] = time.perf_counter() - t
+    runs_s = {"plain": [], "guided": []}
+    for _ in range(runs):
+        for name, cfg in (("plain", GuidanceConfig(guided_steps=0)), ("guided", config)):
+            _sync(dev)
+            t = time.perf_counter()
+            out = guided_generate(world, prompts, words, boxes, seeds=seeds, config=cfg, **kwargs)
+            _sync(dev)
+            runs_s[name].append(time.perf_counter() - t)
+    timings = {name: statistics.median(v) for name, v in runs_s.items()}
     passes = out.passes
     pipe, unet = world.pipe, world.pipe.unet
     cond, uncond = pipe.encode_prompt(prompts, dev, 1, True)
@@ -415,4 +422,5 @@ def measure_cost(world, prompts: Sequence[str], words, boxes, seeds: Sequence[in
     measured = timings["guided"] / timings["plain"]
     return {"images": B, "plain_s": timings["plain"], "guided_s": timings["guided"], "cfg_forward_s": t_cfg,
             "guided_forward_backward_s": t_fb, "cfg_forwards": n_cfg, "guided_forward_backwards": n_fb,
-            "measured_ratio": measured, "floor_ratio": floor, "vs_floor": measured / floor}
+            "measured_ratio": measured, "floor_ratio": floor, "vs_floor": measured / floor,
+            "runs": runs, "plain_runs_s": runs_s["plain"], "guided_runs_s": runs_s["guided"]}

@@ -15,6 +15,7 @@ Semantic inversion is the method's fit with :class:`~compinv_utils.anchors.Ancho
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from dataclasses import asdict, replace
@@ -29,8 +30,51 @@ from .files import write_text
 from .methods import get_method
 from .methods.base import INFO_FILE
 from .progress import bar
+from .world import shown_path
 
 VARIANTS = ("plain", "semantic")
+
+
+WORLD_FILE = "world.json"  # beside the fits: the fingerprint of the world they were fitted in
+
+
+def world_fingerprint(world) -> str:
+    """A short hash of the world's UNet and text encoder weights (names, shapes and each tensor's first values).
+
+    Fits made in one version of a world are meaningless in another (a retrained UNet draws other images from the
+    same fitted weights); the fingerprint lets the fits folder say which world it belongs to. Attention
+    processors (Custom Diffusion's weights) and the token-embedding rows added for loaded concepts are left out,
+    so the fingerprint is the same with or without concepts loaded.
+    """
+    h = hashlib.sha256()
+    emb = world.pipe.text_encoder.get_input_embeddings().weight
+    for part in ("unet", "text_encoder"):
+        for name, p in getattr(world.pipe, part).named_parameters():
+            if "processor" in name:
+                continue
+            t = p.detach()[:1] if p is emb else p.detach()
+            h.update(f"{part}.{name}{tuple(t.shape)}".encode())
+            h.update(t.flatten()[:16].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_fits_world(world, root: Path) -> bool:
+    """Whether the fits under ``root`` were made in ``world`` (``True`` when none are there yet, and for fits
+    made before fingerprints were written). Raises a ``ValueError`` that says what to do when they were made in
+    another world."""
+    path = Path(root) / WORLD_FILE
+    if not path.exists():
+        return True
+    try:
+        made_in = json.loads(path.read_text())["world_fingerprint"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a fingerprint file ({exc}); delete it and fit again") from exc
+    now = world_fingerprint(world)
+    if made_in != now:
+        raise ValueError(f"the fits in {shown_path(root)} were made in another version of the {world.name!r} world "
+                         f"(fingerprint {made_in}, this world {now}): move that folder away (or delete it) and fit "
+                         f"again, e.g. python -m compinv_utils.method_blocks --method {Path(root).name} --seeds 1")
+    return True
 
 
 def method_root(world, method) -> Path:
@@ -63,7 +107,11 @@ def fit_concepts(world, method, seeds=(0, 1), variants=VARIANTS, config=None, ro
     m = get_method(method)
     root = Path(root) if root is not None else method_root(world, m)
     config = config if config is not None else m.config_class(steps=world.settings.inversion_steps)
+    check_fits_world(world, root)
     stats = json.loads(Path(stats_path).read_text()) if stats_path is not None and Path(stats_path).exists() else {}
+    if not (root / WORLD_FILE).exists():
+        write_text(root / WORLD_FILE, json.dumps({"world": world.name, "world_fingerprint": world_fingerprint(world)},
+                                                 indent=1))
     jobs = [(v, s, c) for v in variants for s in seeds for c in world.concepts_of_interest]
     for variant, seed, c in bar(jobs, desc=f"{m.name} fits", progress=progress):
         if variant not in VARIANTS:

@@ -138,11 +138,17 @@ def test_measure_cost_counts_the_passes(toy_world):
     from compinv_utils.guidance import measure_cost
 
     cfg = GuidanceConfig(guided_steps=2, inner_iters=2)
-    cost = measure_cost(toy_world, ["a cat and a kite"] * 2, ["cat", "kite"], BOXES, config=cfg, reps=1,
+    cost = measure_cost(toy_world, ["a cat and a kite"] * 2, ["cat", "kite"], BOXES, config=cfg, reps=1, runs=3,
                         num_inference_steps=4)
     assert cost["cfg_forwards"] == 4 and cost["guided_forward_backwards"] == 4
     assert cost["floor_ratio"] > 1 and cost["plain_s"] > 0 and cost["guided_s"] > 0
     assert cost["vs_floor"] == pytest.approx(cost["measured_ratio"] / cost["floor_ratio"])
+    # three timed runs of each; the ratio is of the medians
+    assert len(cost["plain_runs_s"]) == 3 and len(cost["guided_runs_s"]) == 3
+    assert cost["plain_s"] == sorted(cost["plain_runs_s"])[1]
+    assert cost["measured_ratio"] == pytest.approx(sorted(cost["guided_runs_s"])[1] / sorted(cost["plain_runs_s"])[1])
+    with pytest.raises(ValueError, match="runs and reps must be at least 1"):
+        measure_cost(toy_world, ["a cat and a kite"], ["cat", "kite"], BOXES, runs=0)
     with pytest.raises(ValueError, match="leave batch_size out"):
         measure_cost(toy_world, ["a cat and a kite"], ["cat", "kite"], BOXES, batch_size=1)
 

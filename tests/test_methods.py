@@ -537,6 +537,31 @@ def test_a_method_block_fits_records_costs_and_resumes(toy_world, tmp_path, monk
     again = B.fit_concepts(toy_world, "custom_diffusion", seeds=(0,), config=cfg, root=tmp_path / "cd",
                            stats_path=stats_path, progress=False)
     assert again == stats and all(p.stat().st_mtime_ns == t for p, t in mtimes.items())  # nothing refitted
+    # the fits know their world: another version of it is refused with what to do, and nothing is lost
+    made_in = json.loads((tmp_path / "cd" / B.WORLD_FILE).read_text())
+    assert made_in == {"world": toy_world.name, "world_fingerprint": B.world_fingerprint(toy_world)}
+    (tmp_path / "cd" / B.WORLD_FILE).write_text(json.dumps(made_in | {"world_fingerprint": "0" * 16}))
+    with pytest.raises(ValueError, match="another version of the 'toy' world.*move that folder away"):
+        B.fit_concepts(toy_world, "custom_diffusion", seeds=(0,), config=cfg, root=tmp_path / "cd",
+                       stats_path=stats_path, progress=False)
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items()) and json.loads(stats_path.read_text()) == stats
+
+
+def test_the_world_fingerprint_follows_the_weights_not_the_loaded_concepts(cd, fresh):
+    from compinv_utils import method_blocks as B
+
+    before = B.world_fingerprint(fresh)
+    assert cd["c"].token in cd["world"].pipe.tokenizer.get_vocab()  # a fitted concept is loaded in cd's world
+    assert B.world_fingerprint(cd["world"]) == before  # its processors and token row are left out
+    w = fresh.pipe.unet.conv_in.weight
+    with torch.no_grad():
+        w.view(-1)[0] += 1.0
+    try:
+        assert B.world_fingerprint(fresh) != before  # another UNet: another world
+    finally:
+        with torch.no_grad():
+            w.view(-1)[0] -= 1.0
+    assert B.world_fingerprint(fresh) == before
 
 
 def test_a_complete_block_is_read_from_its_cache_without_the_fitted_models(fresh, tmp_path, monkeypatch):
