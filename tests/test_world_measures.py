@@ -130,6 +130,20 @@ def test_concept_look_skips_missing_inversions_and_unloads_the_token(fast, probe
     assert res["summary"]["concepts"] == 1
 
 
+def test_look_from_words_prompts_each_concepts_look_in_the_caption_grammar(fast, probe_and_accuracy):
+    res = E.eval_look_from_words(fast, samples=2, probe=probe_and_accuracy[0])
+    assert list(res["per_concept"]) == [c.name for c in render.CONCEPTS] and res["probe"] == "given"
+    mochi = res["per_concept"]["mochi"]
+    assert mochi["words"]["prompt"] == "a photo of a purple striped cat"
+    assert mochi["superclass"]["prompt"] == "a photo of a cat"
+    assert res["per_concept"]["terra"]["words"]["prompt"] == "a photo of an orange dotted pot"
+    for row in res["per_concept"].values():
+        for name in ("words", "superclass"):
+            assert 0 <= row[name]["detected"] <= 1 and row[name]["look"]["n"] == round(2 * row[name]["detected"])
+    cp = [r["words"]["look"]["colour_pattern"] for r in res["per_concept"].values()]
+    assert res["summary"]["concepts_colour_pattern_at_least_0.6_words"] == sum(v >= 0.6 for v in cp)
+
+
 def test_look_counts_colour_and_pattern_together_and_all_three_together():
     spec = render.CONCEPTS[0]  # purple, yellow, striped
 

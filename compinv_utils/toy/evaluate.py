@@ -5,9 +5,10 @@
 Held-out material only: rendered scenes with seeds from 10,000,000 on (training used 0..n-1) and
 noun pairs that never appear together in training (``render.HELD_OUT_PAIRS``).
 
-Besides the quality bars, three parts measure the prerequisites the paper's argument needs:
-word-specific cross-attention (``attention``), a concept's look on the object (``look``) and an
-FID-style sample quality on toy CLIP features (``quality``). ``--skip`` leaves parts out and merges
+Besides the quality bars, parts measure the prerequisites the paper's argument needs:
+word-specific cross-attention (``attention``), a concept's look on the object (``look``; ``look_words``:
+whether the world draws that look when words name it, the ceiling of ``look``) and an FID-style sample
+quality on toy CLIP features (``quality``). ``--skip`` leaves parts out and merges
 the rest into the existing file, e.g. only the new parts:
 
     python -m compinv_utils.toy.evaluate --skip detector clip generation speed inversion
@@ -477,7 +478,7 @@ def eval_concept_look(world, inversions_root: str | os.PathLike | None = None, s
     root = Path(inversions_root) if inversions_root is not None else TOY_DIR / "inversions" / "plain"
     probe_acc = None
     if probe is None:
-        probe, probe_acc = train_attribute_probe(world, n_scenes=probe_scenes, seed=seed)
+        probe, probe_acc = _shared_probe(world, probe_scenes, seed)
     specs = {c.name: c for c in render.CONCEPTS}
     per, notes = {}, []
     for coi in world.concepts_of_interest:
@@ -538,6 +539,52 @@ def eval_concept_look(world, inversions_root: str | os.PathLike | None = None, s
     return res
 
 
+_PROBES: dict = {}
+
+
+def _shared_probe(world, n_scenes: int, seed: int) -> tuple[AttributeProbe, dict]:
+    """:func:`train_attribute_probe`, trained once per world, size and seed in a process (``look`` and
+    ``look_words`` read the same probe)."""
+    key = (id(world.pipe), n_scenes, seed)
+    if key not in _PROBES:
+        _PROBES[key] = train_attribute_probe(world, n_scenes=n_scenes, seed=seed)
+    return _PROBES[key]
+
+
+def eval_look_from_words(world, samples: int = 8, seed: int = 0, probe: AttributeProbe | None = None,
+                         probe_scenes: int = 2400) -> dict:
+    """The ceiling of the ``look`` bar: can the world draw each concept's look when the words say it?
+
+    For each concept, ``samples`` images of its look in the caption grammar the UNet was trained on ("a photo
+    of a purple striped cat") and, as the floor, of the plain superclass (same seeds); the attribute probe of
+    :func:`eval_concept_look` reads the detected object's crop. If the world cannot draw colour and pattern
+    from words, no inversion can be expected to put them on the object: the bar then measures the world,
+    not the inversion."""
+    probe_acc = None
+    if probe is None:
+        probe, probe_acc = _shared_probe(world, probe_scenes, seed)
+    per = {}
+    for spec in render.CONCEPTS:
+        row = {}
+        for name, phrase in (("words", f"{spec.colour} {spec.pattern} {spec.base}"), ("superclass", spec.base)):
+            prompt = f"a photo of {render.article(phrase)}"
+            images = world.generate([prompt] * samples, seed=seed)
+            boxes = [best_box(d, spec.base) for d in world.detect(images)]
+            crops = [crop(im, b) for im, b in zip(images, boxes) if b is not None]
+            row[name] = {"prompt": prompt, "detected": len(crops) / samples, "look": _look(probe, crops, spec)}
+        per[spec.name] = row
+    def mean(vals) -> float:  # over the concepts whose object was detected at least once
+        vals = [v for v in vals if not np.isnan(v)]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    summary = {f"look_{a}_{g}": mean([r[g]["look"][a] for r in per.values()])
+               for g in ("words", "superclass") for a in ("colour", "pattern", "colour_pattern")}
+    summary["concepts_colour_pattern_at_least_0.6_words"] = int(sum(r["words"]["look"]["colour_pattern"] >= 0.6
+                                                                    for r in per.values()))
+    return {"per_concept": per, "samples": samples, "steps": world.num_inference_steps,
+            "probe": probe_acc if probe_acc is not None else "given", "summary": summary | {"concepts": len(per)}}
+
+
 # -- sample quality -------------------------------------------------------------------------------
 
 
@@ -593,7 +640,7 @@ def main(argv=None):
     p.add_argument("--out", default="data/toy/quality.json")
     p.add_argument("--skip", nargs="*", default=[],
                    help="parts to skip: detector clip generation speed inversion attention attention_renderings "
-                        "look quality")
+                        "look look_words quality")
     args = p.parse_args(argv)
     world = load_world("toy")
     old = json.loads(open(args.out).read()) if args.skip and os.path.exists(args.out) else {}
@@ -602,7 +649,7 @@ def main(argv=None):
     parts = {"detector": eval_detector, "clip": eval_clip_retrieval, "generation": eval_generation, "speed": eval_speed,
              "inversion": eval_inversion, "attention": eval_attention_localisation,
              "attention_renderings": eval_attention_on_renderings, "look": eval_concept_look,
-             "quality": eval_sample_quality}
+             "look_words": eval_look_from_words, "quality": eval_sample_quality}
     for name, fn in parts.items():
         if name in args.skip:
             continue
