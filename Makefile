@@ -46,12 +46,14 @@ test-fast: install
 test-slow: install
 	$(BIN)/python -m pytest -q tests -m slow
 
-# The committed world's two CPU runs (about 100 + 100 minutes on 2 cores), written to runs/ beside the committed
-# world: the VAE (its UNet is replaced), then the UNet alone on that VAE; the CLIP and detector are data/toy's.
+# The committed world's three CPU runs (about 100 + 90 + 85 minutes on 2 cores), written to runs/ beside the
+# committed world: the VAE (its UNet is replaced), then the UNet alone on that VAE, then that UNet continued;
+# the CLIP and detector are data/toy's.
 toy-world: install
 	$(BIN)/python -m compinv_utils.toy.train --out runs/world3 --profile cpu-full --stages vae,unet --from data/toy --workers 2 --cache-dir runs/cache
 	$(BIN)/python -m compinv_utils.toy.train --out runs/world4 --profile cpu-full --stages unet --from runs/world3 --unet-steps 9000 --workers 2 --cache-dir runs/cache
-	@echo "The rebuilt world is in runs/world4: COMPINV_TOY_DIR=runs/world4 make evaluate-world measures it."
+	$(BIN)/python -m compinv_utils.toy.train --out runs/world5 --profile cpu-full --stages unet --from runs/world4 --init-unet runs/world4/pipeline/unet --unet-steps 8000 --workers 2 --cache-dir runs/cache
+	@echo "The rebuilt world is in runs/world5: COMPINV_TOY_DIR=runs/world5 make evaluate-world measures it."
 
 evaluate-world: install
 	$(BIN)/python -m compinv_utils.toy.evaluate --out $${COMPINV_TOY_DIR:-data/toy}/quality.json
