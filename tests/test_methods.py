@@ -287,8 +287,9 @@ def test_guidance_through_custom_diffusion_processors_moves_attention_into_the_b
     procs = dict(world.pipe.unet.attn_processors)
     kw = dict(seeds=[0, 1], num_inference_steps=8, record=True)
     prompts, words = ["a cat and a kite"] * 2, ["cat", "kite"]
-    plain = guided_generate(world, prompts, words, BOXES, config=GuidanceConfig(guided_steps=0), **kw)
-    guided = guided_generate(world, prompts, words, BOXES, config=GuidanceConfig(guided_steps=3, step_size=300), **kw)
+    boxes = BOXES[::-1]  # against the world's layout (cat on the left), so the attention starts outside the boxes
+    plain = guided_generate(world, prompts, words, boxes, config=GuidanceConfig(guided_steps=0), **kw)
+    guided = guided_generate(world, prompts, words, boxes, config=GuidanceConfig(guided_steps=3, step_size=300), **kw)
     assert np.all(guided.inside[:3].mean(0) > plain.inside[:3].mean(0))  # every image, both words
     assert guided.losses[-1].mean() < guided.losses[0].mean()
     assert _same_processors(world.pipe.unet, procs)
@@ -551,8 +552,13 @@ def test_the_world_fingerprint_follows_the_weights_not_the_loaded_concepts(cd, f
     from compinv_utils import method_blocks as B
 
     before = B.world_fingerprint(fresh)
-    assert cd["c"].token in cd["world"].pipe.tokenizer.get_vocab()  # a fitted concept is loaded in cd's world
-    assert B.world_fingerprint(cd["world"]) == before  # its processors and token row are left out
+    m = get_method("custom_diffusion")
+    handle = m.load(fresh.pipe, cd["folder"])  # a fitted concept: its processors and its token row
+    try:
+        assert cd["c"].token in fresh.pipe.tokenizer.get_vocab()
+        assert B.world_fingerprint(fresh) == before  # are left out of the fingerprint
+    finally:
+        m.unload(fresh.pipe, handle)
     w = fresh.pipe.unet.conv_in.weight
     with torch.no_grad():
         w.view(-1)[0] += 1.0
