@@ -58,13 +58,12 @@ def world_fingerprint(world) -> str:
     return h.hexdigest()[:16]
 
 
-def check_fits_world(world, root: Path) -> bool:
-    """Whether the fits under ``root`` were made in ``world`` (``True`` when none are there yet, and for fits
-    made before fingerprints were written). Raises a ``ValueError`` that says what to do when they were made in
-    another world."""
+def check_fits_world(world, root: Path) -> None:
+    """Raise a ``ValueError`` that says what to do when the fits under ``root`` were made in another version of
+    ``world`` (nothing to check when there are no fits yet, or fits made before fingerprints were written)."""
     path = Path(root) / WORLD_FILE
     if not path.exists():
-        return True
+        return
     try:
         made_in = json.loads(path.read_text())["world_fingerprint"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
@@ -74,7 +73,6 @@ def check_fits_world(world, root: Path) -> bool:
         raise ValueError(f"the fits in {shown_path(root)} were made in another version of the {world.name!r} world "
                          f"(fingerprint {made_in}, this world {now}): move that folder away (or delete it) and fit "
                          f"again, e.g. python -m compinv_utils.method_blocks --method {Path(root).name} --seeds 1")
-    return True
 
 
 def method_root(world, method) -> Path:

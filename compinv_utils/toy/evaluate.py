@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import time
+import weakref
 from pathlib import Path
 from typing import Sequence
 
@@ -495,9 +496,7 @@ def eval_concept_look(world, inversions_root: str | os.PathLike | None = None, s
         photo_crops = world.photo_crops(coi)
         row = {}
         for name, images in (("with_token", with_tok), ("superclass", sup)):
-            dets = world.detect(images)
-            boxes = [best_box(d, coi.superclass) for d in dets]
-            crops = [crop(im, b) for im, b in zip(images, boxes) if b is not None]
+            dets, crops = _object_crops(world, images, coi.superclass)
             align = object_alignment(world, images, dets, coi.superclass, photo_crops)
             row[name] = {"detected": len(crops) / samples,
                          "alignment": float(np.nanmean(align)) if crops else float("nan"),
@@ -514,8 +513,7 @@ def eval_concept_look(world, inversions_root: str | os.PathLike | None = None, s
         per[coi.name] = row
 
     def mean(get) -> float:
-        vals = [v for v in map(get, per.values()) if not np.isnan(v)]
-        return float(np.mean(vals)) if vals else float("nan")
+        return _mean_detected(map(get, per.values()))
 
     res = {"per_concept": per, "samples": samples, "steps": world.num_inference_steps, "inversions": shown_path(root),
            "probe": probe_acc if probe_acc is not None else "given"}
@@ -539,21 +537,34 @@ def eval_concept_look(world, inversions_root: str | os.PathLike | None = None, s
     return res
 
 
-_PROBES: dict = {}
+def _object_crops(world, images, noun: str) -> tuple[list, list]:
+    """The detections of ``images`` and the crops of ``noun``'s best box in each image where it was found."""
+    dets = world.detect(images)
+    boxes = [best_box(d, noun) for d in dets]
+    return dets, [crop(im, b) for im, b in zip(images, boxes) if b is not None]
+
+
+def _mean_detected(vals) -> float:
+    """Mean over the concepts whose object was detected at least once (NaN entries skipped)."""
+    vals = [v for v in vals if not np.isnan(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+_PROBES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # pipeline -> {(n_scenes, seed): probe}
 
 
 def _shared_probe(world, n_scenes: int, seed: int) -> tuple[AttributeProbe, dict]:
-    """:func:`train_attribute_probe`, trained once per world, size and seed in a process (``look`` and
-    ``look_words`` read the same probe)."""
-    key = (id(world.pipe), n_scenes, seed)
-    if key not in _PROBES:
-        _PROBES[key] = train_attribute_probe(world, n_scenes=n_scenes, seed=seed)
-    return _PROBES[key]
+    """:func:`train_attribute_probe`, trained once per pipeline, size and seed in a process (``look`` and
+    ``look_words`` read the same probe); forgotten with the pipeline."""
+    probes = _PROBES.setdefault(world.pipe, {})
+    if (n_scenes, seed) not in probes:
+        probes[(n_scenes, seed)] = train_attribute_probe(world, n_scenes=n_scenes, seed=seed)
+    return probes[(n_scenes, seed)]
 
 
 def eval_look_from_words(world, samples: int = 8, seed: int = 0, probe: AttributeProbe | None = None,
                          probe_scenes: int = 2400) -> dict:
-    """The ceiling of the ``look`` bar: can the world draw each concept's look when the words say it?
+    """What the world draws when words name each concept's look — what the ``look`` bar presumes it can draw.
 
     For each concept, ``samples`` images of its look in the caption grammar the UNet was trained on ("a photo
     of a purple striped cat") and, as the floor, of the plain superclass (same seeds); the attribute probe of
@@ -568,16 +579,10 @@ def eval_look_from_words(world, samples: int = 8, seed: int = 0, probe: Attribut
         row = {}
         for name, phrase in (("words", f"{spec.colour} {spec.pattern} {spec.base}"), ("superclass", spec.base)):
             prompt = f"a photo of {render.article(phrase)}"
-            images = world.generate([prompt] * samples, seed=seed)
-            boxes = [best_box(d, spec.base) for d in world.detect(images)]
-            crops = [crop(im, b) for im, b in zip(images, boxes) if b is not None]
+            _, crops = _object_crops(world, world.generate([prompt] * samples, seed=seed), spec.base)
             row[name] = {"prompt": prompt, "detected": len(crops) / samples, "look": _look(probe, crops, spec)}
         per[spec.name] = row
-    def mean(vals) -> float:  # over the concepts whose object was detected at least once
-        vals = [v for v in vals if not np.isnan(v)]
-        return float(np.mean(vals)) if vals else float("nan")
-
-    summary = {f"look_{a}_{g}": mean([r[g]["look"][a] for r in per.values()])
+    summary = {f"look_{a}_{g}": _mean_detected(r[g]["look"][a] for r in per.values())
                for g in ("words", "superclass") for a in ("colour", "pattern", "colour_pattern")}
     summary["concepts_colour_pattern_at_least_0.6_words"] = int(sum(r["words"]["look"]["colour_pattern"] >= 0.6
                                                                     for r in per.values()))
