@@ -166,6 +166,25 @@ def test_vae_loss_weights_objects_and_charges_a_pattern_averaged_into_its_mean()
     assert train.vae_loss(wrong_on_object, x)[0].item() == pytest.approx(train.vae_loss(wrong_on_background, x)[0].item())
 
 
+def test_noise_loss_weights_object_cells_and_is_plain_mse_without_a_weight():
+    noise = torch.zeros(2, 16, 8, 8)
+    objects = torch.zeros(2, 8, 8)
+    objects[:, 2:5, 2:5] = 1
+    off_on_object = noise.clone()
+    off_on_object[:, :, 3, 3] = 1.0  # wrong in one object cell
+    off_on_background = noise.clone()
+    off_on_background[:, :, 7, 7] = 1.0  # wrong in one background cell
+    plain = train.noise_loss(off_on_object, noise)
+    assert plain.item() == pytest.approx(torch.nn.functional.mse_loss(off_on_object, noise).item())
+    assert train.noise_loss(off_on_object, noise, objects, 0.0).item() == pytest.approx(plain.item())
+    on_obj = train.noise_loss(off_on_object, noise, objects, 4.0)
+    on_bg = train.noise_loss(off_on_background, noise, objects, 4.0)
+    assert on_obj.item() == pytest.approx(5 * on_bg.item(), rel=1e-5)  # one object cell counts 1 + 4 times
+    assert on_bg.item() < plain.item() < on_obj.item()
+    with pytest.raises(ValueError, match="latent grid"):
+        train.noise_loss(off_on_object, noise, objects[:, :4], 4.0)
+
+
 def test_object_pixels_upsample_the_latent_masks():
     masks = np.zeros((1, 2, 8, 8), bool)
     masks[0, 0, 1, 2] = masks[0, 1, 5, 5] = True
