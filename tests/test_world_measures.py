@@ -144,6 +144,19 @@ def test_look_from_words_prompts_each_concepts_look_in_the_caption_grammar(fast,
     assert res["summary"]["concepts_colour_pattern_at_least_0.6_words"] == sum(v >= 0.6 for v in cp)
 
 
+def test_pattern_kept_reads_patterned_objects_before_and_after_denoising(fast, probe_and_accuracy):
+    res = E.eval_pattern_kept(fast, n=3, strengths=(0.5, 1.0), probe=probe_and_accuracy[0])
+    assert res["n"] == 3 and res["strengths"] == [0.5, 1.0] and res["probe"] == "given"
+    for key in ("rendered", "vae_roundtrip", "strength_0.5", "strength_1"):
+        row = res[key]
+        assert sum(row["read_as"].values()) == 3 and set(row["read_as"]) == set(render.PATTERNS)
+        assert row["pattern_kept"] in (0, 1 / 3, 2 / 3, 1)
+    with pytest.raises(ValueError, match="strengths"):
+        E.eval_pattern_kept(fast, n=3, strengths=(0.0,), probe=probe_and_accuracy[0])
+    with pytest.raises(ValueError, match="n must be"):
+        E.eval_pattern_kept(fast, n=0, probe=probe_and_accuracy[0])
+
+
 def test_look_counts_colour_and_pattern_together_and_all_three_together():
     spec = render.CONCEPTS[0]  # purple, yellow, striped
 

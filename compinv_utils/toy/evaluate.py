@@ -590,6 +590,56 @@ def eval_look_from_words(world, samples: int = 8, seed: int = 0, probe: Attribut
             "probe": probe_acc if probe_acc is not None else "given", "summary": summary | {"concepts": len(per)}}
 
 
+def eval_pattern_kept(world, n: int = 24, strengths: Sequence[float] = (0.2, 0.4, 0.6), seed: int = 0,
+                      probe: AttributeProbe | None = None, probe_scenes: int = 2400) -> dict:
+    """Does the UNet keep a pattern it is handed? ``n`` rendered single objects with a pattern are encoded,
+    noised to each of ``strengths`` (the img2img strength: the share of the schedule run again) and denoised
+    with the world's sampler and a caption that names colour and pattern ("a photo of a purple striped cat");
+    the attribute probe then reads the pattern on the object's true box. ``rendered`` and ``vae_roundtrip``
+    are the same reading on the renderings and on their VAE round trips (what the decoder keeps). A world
+    whose denoiser erases a pattern even from light noise cannot draw one from words, nor through an
+    inverted token: this part separates the UNet from the VAE and the probe."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    strengths = [float(x) for x in strengths]
+    if not strengths or not all(0 < x <= 1 for x in strengths):
+        raise ValueError(f"strengths must be in (0, 1], got {strengths}")
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    probe_acc = None
+    if probe is None:
+        probe, probe_acc = _shared_probe(world, probe_scenes, seed)
+    scenes, i = [], 0
+    while len(scenes) < n:
+        s = render.sample_scene(EVAL_SEED + 500_000 + i, n_objects=1)
+        i += 1
+        if s.objects[0].pattern != "plain":
+            scenes.append(s)
+    drawn = [render.draw_scene(s) for s in scenes]
+    images = [im for im, _ in drawn]
+    boxes = [objs[0][1] for _, objs in drawn]
+    truth = np.array([s.objects[0].pattern for s in scenes])
+    prompts = [f"a photo of {render.article(f'{o.colour} {o.pattern} {o.noun}')}" for o in (s.objects[0] for s in scenes)]
+
+    def reading(ims) -> dict:
+        _, patterns = probe.read([crop(im, b) for im, b in zip(ims, boxes)])
+        patterns = np.array(patterns)
+        return {"pattern_kept": float((patterns == truth).mean()),
+                "read_as": {p: int((patterns == p).sum()) for p in render.PATTERNS}}
+
+    img2img = StableDiffusionImg2ImgPipeline(**world.pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    res = {"rendered": reading(images), "vae_roundtrip": reading(vae_roundtrip(world, images))}
+    for x in strengths:
+        gen = torch.Generator(world.device).manual_seed(seed)
+        out = img2img(prompts, image=images, strength=x, num_inference_steps=world.num_inference_steps,
+                      guidance_scale=world.guidance_scale, generator=gen).images
+        res[f"strength_{x:g}"] = reading(out)
+    return res | {"n": n, "strengths": strengths, "steps": world.num_inference_steps,
+                  "guidance_scale": world.guidance_scale, "probe": probe_acc if probe_acc is not None else "given",
+                  "prompts": "a photo of a {colour} {pattern} {noun}; truth: the renderer's pattern"}
+
+
 # -- sample quality -------------------------------------------------------------------------------
 
 
@@ -645,22 +695,24 @@ def main(argv=None):
     p.add_argument("--out", default="data/toy/quality.json")
     p.add_argument("--skip", nargs="*", default=[],
                    help="parts to skip: detector clip generation speed inversion attention attention_renderings "
-                        "look look_words quality")
+                        "look look_words pattern_kept quality")
     args = p.parse_args(argv)
     world = load_world("toy")
     old = json.loads(open(args.out).read()) if args.skip and os.path.exists(args.out) else {}
-    res = old | {"hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {world.device}",
-           "command": "python -m compinv_utils.toy.evaluate"}
+    hardware = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {world.device}"
+    # "hardware" at the top: the latest run's (a run with --skip keeps the other parts); each part records its own
+    res = old | {"hardware": hardware, "command": "python -m compinv_utils.toy.evaluate"}
     parts = {"detector": eval_detector, "clip": eval_clip_retrieval, "generation": eval_generation, "speed": eval_speed,
              "inversion": eval_inversion, "attention": eval_attention_localisation,
              "attention_renderings": eval_attention_on_renderings, "look": eval_concept_look,
-             "look_words": eval_look_from_words, "quality": eval_sample_quality}
+             "look_words": eval_look_from_words, "pattern_kept": eval_pattern_kept, "quality": eval_sample_quality}
     for name, fn in parts.items():
         if name in args.skip:
             continue
         t = time.perf_counter()
         res[name] = fn(world)
         res[name]["eval_s"] = round(time.perf_counter() - t, 1)
+        res[name]["hardware"] = hardware
         shown = {k: v for k, v in res[name].items() if k not in ("per_class", "per_noun", "per_concept")}
         print(name, json.dumps(shown))
     write_text(args.out, json.dumps(res, indent=2))
