@@ -157,6 +157,15 @@ def test_pattern_kept_reads_patterned_objects_before_and_after_denoising(fast, p
         E.eval_pattern_kept(fast, n=0, probe=probe_and_accuracy[0])
 
 
+def test_seen_pairs_are_trained_pairs_and_generation_counts_them(fast):
+    pairs = E.seen_pairs(16)
+    assert len(set(pairs)) == 16 and pairs == E.seen_pairs(16)
+    assert not any(render.is_held_out(a, b) for a, b in pairs)
+    res = E.eval_generation(fast, per_noun=1, per_pair=1, n_seen_pairs=3)
+    assert res["n_seen_pair"] == 3 and res["n_pair"] == len(render.HELD_OUT_PAIRS) and res["n_single"] == len(fast.concepts)
+    assert res["seen_pair_both_detected"] in (0, 1 / 3, 2 / 3, 1)
+
+
 def test_look_counts_colour_and_pattern_together_and_all_three_together():
     spec = render.CONCEPTS[0]  # purple, yellow, striped
 
