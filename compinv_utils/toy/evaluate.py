@@ -111,6 +111,14 @@ def eval_clip_retrieval(world, n: int = 500, group: int = 100) -> dict:
     return {"top1": correct / n, "n_scenes": n, "group": group, "captions": "full (all attributes named)"}
 
 
+def _generate_and_detect(world, prompts: list[str], seed: int, desc: str, batch: int = 32) -> list:
+    """Detections in the images of ``prompts`` (image ``i`` from seed ``seed + i``), generated in batches."""
+    images = []
+    for i in tqdm(range(0, len(prompts), batch), desc=desc):
+        images += world.generate(prompts[i:i + batch], seed=seed + i, batch_size=batch)
+    return world.detect(images) if images else []
+
+
 def seen_pairs(n: int = 16) -> list[tuple[str, str]]:
     """``n`` noun pairs that the training data does contain (a fixed draw): the reference for held-out pairs."""
     seen = [p for p in itertools.combinations(sorted(render.NOUNS), 2) if not render.is_held_out(*p)]
@@ -126,26 +134,19 @@ def eval_generation(world, per_noun: int = 8, per_pair: int = 4, seed: int = 0, 
         prompts += [f"a photo of {render.article(noun)}"] * per_noun
         wants += [(noun,)] * per_noun
     for a, b in render.HELD_OUT_PAIRS:
-        prompts += [f"{render.article(a)} and {render.article(b)}"] * per_pair
+        prompts += [pair_prompt(a, b)] * per_pair
         wants += [(a, b)] * per_pair
-    images = []
-    for i in tqdm(range(0, len(prompts), 32), desc="generate"):
-        images += world.generate(prompts[i:i + 32], seed=seed + i, batch_size=32)
-    dets = world.detect(images)
+    dets = _generate_and_detect(world, prompts, seed, "generate")
     single = [all(found(d, n) for n in w) for d, w in zip(dets, wants) if len(w) == 1]
     pair = [all(found(d, n) for n in w) for d, w in zip(dets, wants) if len(w) == 2]
     per_noun_rate = {}
     for d, w in zip(dets, wants):
         if len(w) == 1:
             per_noun_rate.setdefault(w[0], []).append(found(d, w[0]))
-    seen_prompts, seen_wants = [], []
-    for a, b in seen_pairs(n_seen_pairs):
-        seen_prompts += [f"{render.article(a)} and {render.article(b)}"] * per_pair
-        seen_wants += [(a, b)] * per_pair
-    seen_images = []
-    for i in tqdm(range(0, len(seen_prompts), 32), desc="generate (seen pairs)"):
-        seen_images += world.generate(seen_prompts[i:i + 32], seed=seed + 100_000 + i, batch_size=32)
-    seen = [all(found(d, n) for n in w) for d, w in zip(world.detect(seen_images), seen_wants)] if seen_images else []
+    seen_wants = [p for p in seen_pairs(n_seen_pairs) for _ in range(per_pair)]
+    seen_dets = _generate_and_detect(world, [pair_prompt(a, b) for a, b in seen_wants], seed + 100_000,
+                                     "generate (seen pairs)")
+    seen = [all(found(d, n) for n in w) for d, w in zip(seen_dets, seen_wants)]
     return {"single_noun_detected": float(np.mean(single)), "held_out_pair_both_detected": float(np.mean(pair)),
             "seen_pair_both_detected": float(np.mean(seen)) if seen else float("nan"), "n_seen_pair": len(seen),
             "per_noun": {k: float(np.mean(v)) for k, v in per_noun_rate.items()},
@@ -495,9 +496,7 @@ def eval_concept_look(world, inversions_root: str | os.PathLike | None = None, s
     from ..world import TOY_DIR
 
     root = Path(inversions_root) if inversions_root is not None else TOY_DIR / "inversions" / "plain"
-    probe_acc = None
-    if probe is None:
-        probe, probe_acc = _shared_probe(world, probe_scenes, seed)
+    probe, probe_info = _probe_or_shared(world, probe, probe_scenes, seed)
     specs = {c.name: c for c in render.CONCEPTS}
     per, notes = {}, []
     for coi in world.concepts_of_interest:
@@ -534,7 +533,7 @@ def eval_concept_look(world, inversions_root: str | os.PathLike | None = None, s
         return _mean_detected(map(get, per.values()))
 
     res = {"per_concept": per, "samples": samples, "steps": world.num_inference_steps, "inversions": shown_path(root),
-           "probe": probe_acc if probe_acc is not None else "given"}
+           "probe": probe_info}
     if per:
         groups = ("with_token", "superclass", "photos", "photos_vae_roundtrip")
         summary = {f"alignment_{g}": mean(lambda r: r[g]["alignment"]) for g in groups if g != "photos"}
@@ -580,6 +579,12 @@ def _shared_probe(world, n_scenes: int, seed: int) -> tuple[AttributeProbe, dict
     return probes[(n_scenes, seed)]
 
 
+def _probe_or_shared(world, probe: AttributeProbe | None, n_scenes: int, seed: int) -> tuple[AttributeProbe, dict | str]:
+    """The probe to read crops with and what to record of it: a given probe ("given"), or the shared one
+    (:func:`_shared_probe`) and its accuracy."""
+    return (probe, "given") if probe is not None else _shared_probe(world, n_scenes, seed)
+
+
 def eval_look_from_words(world, samples: int = 8, seed: int = 0, probe: AttributeProbe | None = None,
                          probe_scenes: int = 2400) -> dict:
     """What the world draws when words name each concept's look — what the ``look`` bar presumes it can draw.
@@ -589,9 +594,7 @@ def eval_look_from_words(world, samples: int = 8, seed: int = 0, probe: Attribut
     :func:`eval_concept_look` reads the detected object's crop. If the world cannot draw colour and pattern
     from words, no inversion can be expected to put them on the object: the bar then measures the world,
     not the inversion."""
-    probe_acc = None
-    if probe is None:
-        probe, probe_acc = _shared_probe(world, probe_scenes, seed)
+    probe, probe_info = _probe_or_shared(world, probe, probe_scenes, seed)
     per = {}
     for spec in render.CONCEPTS:
         row = {}
@@ -605,7 +608,7 @@ def eval_look_from_words(world, samples: int = 8, seed: int = 0, probe: Attribut
     summary["concepts_colour_pattern_at_least_0.6_words"] = int(sum(r["words"]["look"]["colour_pattern"] >= 0.6
                                                                     for r in per.values()))
     return {"per_concept": per, "samples": samples, "steps": world.num_inference_steps,
-            "probe": probe_acc if probe_acc is not None else "given", "summary": summary | {"concepts": len(per)}}
+            "probe": probe_info, "summary": summary | {"concepts": len(per)}}
 
 
 def eval_pattern_kept(world, n: int = 24, strengths: Sequence[float] = (0.2, 0.4, 0.6), seed: int = 0,
@@ -624,9 +627,7 @@ def eval_pattern_kept(world, n: int = 24, strengths: Sequence[float] = (0.2, 0.4
         raise ValueError(f"strengths must be in (0, 1], got {strengths}")
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
-    probe_acc = None
-    if probe is None:
-        probe, probe_acc = _shared_probe(world, probe_scenes, seed)
+    probe, probe_info = _probe_or_shared(world, probe, probe_scenes, seed)
     scenes, i = [], 0
     while len(scenes) < n:
         s = render.sample_scene(EVAL_SEED + 500_000 + i, n_objects=1)
@@ -654,7 +655,7 @@ def eval_pattern_kept(world, n: int = 24, strengths: Sequence[float] = (0.2, 0.4
                       guidance_scale=world.guidance_scale, generator=gen).images
         res[f"strength_{x:g}"] = reading(out)
     return res | {"n": n, "strengths": strengths, "steps": world.num_inference_steps,
-                  "guidance_scale": world.guidance_scale, "probe": probe_acc if probe_acc is not None else "given",
+                  "guidance_scale": world.guidance_scale, "probe": probe_info,
                   "prompts": "a photo of a {colour} {pattern} {noun}; truth: the renderer's pattern"}
 
 

@@ -521,9 +521,7 @@ def train_unet(data, tokenizer, text_encoder, cfg: TrainConfig, device, log, ckp
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 pred = unet(zt, t, cond).sample
             mse = F.mse_loss(pred.float(), noise)
-            loss = mse
-            if cfg.unet_object_weight:
-                loss = noise_loss(pred, noise, masks[idx].amax(1), cfg.unet_object_weight)
+            loss = noise_loss(pred, noise, masks[idx].amax(1), cfg.unet_object_weight) if cfg.unet_object_weight else mse
             if grounding:
                 nouns = torch.where(drop[:, None], -1, nouns_all[idx, k].long())
                 tok, pix = grounding_loss(store.maps[0], store.shapes, masks[idx], nouns, tuple(cfg.ground_resolutions))
