@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM ?= false
 SITE ?= build/site
 SITE_ARGS := -b html -W --keep-going -E -c docs .
 
-.PHONY: install lab tutorial test test-fast test-slow toy-world evaluate-world strip check-stripped site clean
+.PHONY: install lab tutorial test test-fast test-slow toy-world toy-world-gpu evaluate-world strip check-stripped site clean
 
 install: $(STAMP)
 
@@ -54,6 +54,18 @@ toy-world: install
 	$(BIN)/python -m compinv_utils.toy.train --out runs/world4 --profile cpu-full --stages unet --from runs/world3 --unet-steps 9000 --workers 2 --cache-dir runs/cache
 	$(BIN)/python -m compinv_utils.toy.train --out runs/world5 --profile cpu-full --stages unet --from runs/world4 --init-unet runs/world4/pipeline/unet --unet-steps 8000 --workers 2 --cache-dir runs/cache
 	@echo "The rebuilt world is in runs/world5: COMPINV_TOY_DIR=runs/world5 make evaluate-world measures it."
+
+# The same on one GPU with a time limit (not yet run on a GPU: the minutes are an estimate): rendering 100,000
+# scenes and the VAE take a few minutes, the UNet stops after GPU_UNET_MINUTES. GPU_PYTHON must have a CUDA
+# build of torch and the packages of pyproject.toml (the CPU-only .venv would not do).
+GPU_PYTHON ?= python3
+GPU_DEVICE ?= cuda
+GPU_PROFILE ?= gpu
+GPU_UNET_MINUTES ?= 5
+GPU_OUT ?= runs/world-gpu
+toy-world-gpu:
+	$(GPU_PYTHON) -m compinv_utils.toy.train --out $(GPU_OUT) --profile $(GPU_PROFILE) --device $(GPU_DEVICE) --stages vae,unet --from data/toy --unet-minutes $(GPU_UNET_MINUTES) --cache-dir runs/cache
+	@echo "The rebuilt world is in $(GPU_OUT): COMPINV_TOY_DIR=$(GPU_OUT) make evaluate-world measures it."
 
 evaluate-world: install
 	$(BIN)/python -m compinv_utils.toy.evaluate --out $${COMPINV_TOY_DIR:-data/toy}/quality.json

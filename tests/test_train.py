@@ -204,3 +204,53 @@ def test_stages_left_out_are_loaded_from_another_world(tmp_path):
     assert not (source / "pipeline" / "unet").samefile(out / "pipeline" / "unet")
     with pytest.raises(FileNotFoundError, match="is missing from"):
         train.build_world(tmp_path / "third", cfg, torch.device("cpu"), 1, stages=("unet",), source=out / "pipeline")
+
+
+def test_caption_policy_reaches_the_captions_and_keys_its_own_cache(tmp_path, capsys):
+    always = render.CaptionPolicy(p_colour=0.0, p_pattern=1.0, p_background=0.0, p_colour2=0.0)
+    data = train.render_dataset(24, workers=1, captions=2, seed=0, policy=always)
+    patterned = 0
+    for scene, caps in zip(data["scenes"], data["captions"]):
+        for cap in caps:
+            words = set(cap.split())
+            assert not words & set(render.COLOURS) and not words & set(render.BACKGROUNDS)  # never named
+            for o in scene.objects:  # always named
+                if o.pattern != "plain":
+                    assert o.pattern in words
+                    patterned += 1
+    assert patterned > 0
+    default = train.data_cache_path(tmp_path, CFG)
+    assert default == train.data_cache_path(tmp_path, replace(CFG, caption_policy=render.CaptionPolicy()))
+    assert default != train.data_cache_path(tmp_path, replace(CFG, caption_policy=always))
+    for bad in ("0.5,2,0.5,0.5", "0.5,0.5", "a,b,c,d"):
+        with pytest.raises(SystemExit):
+            train.main(["--out", str(tmp_path), "--profile", "smoke", "--caption-policy", bad])
+        assert "--caption-policy takes four probabilities" in capsys.readouterr().err
+
+
+def test_a_time_budget_stops_the_unet_stage_and_the_log_says_where(data, tokenizer, tmp_path, capsys):
+    clip = make_clip(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    text_encoder = train.text_tower(clip)
+    cfg = replace(CFG, unet_steps=10_000, unet_checkpoint_every=10_000, unet_time_budget_s=1.0)
+    log = {}
+    train.train_unet(data, tokenizer, text_encoder, cfg, torch.device("cpu"), log, tmp_path)
+    stopped = log["unet_stopped_by_time_budget_at_step"]
+    assert 1 <= stopped < 10_000 and log["unet_steps_done"] == stopped and np.isfinite(log["unet_final_loss"])
+    log = {}
+    train.train_unet(data, tokenizer, text_encoder, replace(CFG, unet_time_budget_s=600.0), torch.device("cpu"), log,
+                     tmp_path / "b")
+    assert "unet_stopped_by_time_budget_at_step" not in log and log["unet_steps_done"] == CFG.unet_steps
+    for flag, bad in (("--unet-minutes", "0"), ("--ground-resolutions", "16")):
+        with pytest.raises(SystemExit):
+            train.main(["--out", str(tmp_path), "--profile", "smoke", flag, bad])
+        assert flag in capsys.readouterr().err
+
+
+def test_the_detector_data_set_holds_the_held_out_pairs_and_the_generator_data_never_does(tmp_path):
+    def pairs(held_out):
+        scenes = [train.training_scene(s, held_out) for s in range(1500)]
+        return [tuple(o.noun for o in sc.objects) for sc in scenes if len(sc.objects) == 2]
+    assert not any(render.is_held_out(*p) for p in pairs(False))
+    assert sum(render.is_held_out(*p) for p in pairs(True)) > 20  # about 1 pair scene in 10
+    assert train.TrainConfig().detector_sees_held_out and all(p.detector_sees_held_out for p in train.PROFILES.values())
+    assert train.data_cache_path(tmp_path, CFG) != train.data_cache_path(tmp_path, CFG, held_out=True)

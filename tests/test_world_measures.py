@@ -184,9 +184,30 @@ def test_detector_is_measured_on_renderings_and_on_their_vae_round_trips(fast):
     assert 0 <= res["mAP"] <= 1 and 0 <= res["mAP_vae_roundtrip"] <= 1
 
 
+def test_detector_on_pair_renderings_counts_both_nouns_per_pair(toy_world):
+    res = E.detector_on_pairs(toy_world, per_pair=2)
+    assert set(res) == {"held_out", "seen"}
+    for name, pairs in (("held_out", render.HELD_OUT_PAIRS), ("seen", E.seen_pairs())):
+        row = res[name]
+        assert row["n"] == 2 * len(pairs)
+        for kind in ("rendered", "vae_roundtrip"):
+            per = row[f"per_pair_{kind}"]
+            assert list(per) == [f"{a} + {b}" for a, b in pairs] and set(per.values()) <= {0.0, 0.5, 1.0}
+            assert row[kind] == pytest.approx(np.mean(list(per.values())))
+
+
 def test_sample_quality_reports_a_frechet_distance(fast):
     res = E.eval_sample_quality(fast, n=16, batch_size=16)
     assert res["n"] == 16 and res["feature_dim"] == 128
     for key in ("frechet_distance", "rendered_vs_rendered", "vae_roundtrip_vs_rendered"):
         assert np.isfinite(res[key]) and res[key] >= 0
     assert "not Inception" in res["features"]
+
+
+def test_evaluate_names_its_parts_when_asked_for_an_unknown_one(tmp_path, capsys):
+    for args in (["--skip", "detectors"], ["--only", "look", "fid"], ["--only", "look", "--skip", "quality"]):
+        with pytest.raises(SystemExit):
+            E.main(["--out", str(tmp_path / "q.json"), *args])
+        err = capsys.readouterr().err
+        assert "unknown part" in err or "not allowed with" in err
+    assert not (tmp_path / "q.json").exists()

@@ -8,10 +8,10 @@ noun pairs that never appear together in training (``render.HELD_OUT_PAIRS``).
 Besides the quality bars, parts measure the prerequisites the paper's argument needs:
 word-specific cross-attention (``attention``), a concept's look on the object (``look``; ``look_words``:
 whether the world draws that look when words name it, the ceiling of ``look``) and an FID-style sample
-quality on toy CLIP features (``quality``). ``--skip`` leaves parts out and merges
-the rest into the existing file, e.g. only the new parts:
+quality on toy CLIP features (``quality``). ``--skip`` leaves parts out and ``--only`` measures the parts
+it names; either merges what it measures into the existing file, e.g.:
 
-    python -m compinv_utils.toy.evaluate --skip detector clip generation speed inversion
+    python -m compinv_utils.toy.evaluate --only detector generation
 """
 
 from __future__ import annotations
@@ -84,6 +84,27 @@ def detection_map(detections: list[list], truths: list[list], labels: list[str],
     return {"mAP": float(np.mean(vals)), "per_class": per_class}
 
 
+def detector_on_pairs(world, per_pair: int = 8) -> dict:
+    """The instrument check behind the held-out-pair bar: how often the detector finds both nouns in *renderings*
+    of each held-out pair and of :func:`seen_pairs` (``per_pair`` scenes each), as drawn and through the VAE. If it
+    misses renderings of a pair, a miss in that pair's generated images says nothing about the generator."""
+    out = {}
+    for name, pairs in (("held_out", list(render.HELD_OUT_PAIRS)), ("seen", seen_pairs())):
+        images, wants = [], []
+        for a, b in pairs:
+            for k in range(per_pair):
+                images.append(render.render_scene([a, b], seed=EVAL_SEED + 600_000 + k, exclude_held_out=False)[0])
+                wants.append((a, b))
+        row = {}
+        for kind, ims in (("rendered", images), ("vae_roundtrip", vae_roundtrip(world, images))):
+            both = [found(d, a) and found(d, b) for d, (a, b) in zip(world.detect(ims), wants)]
+            row[kind] = float(np.mean(both))
+            row[f"per_pair_{kind}"] = {f"{a} + {b}": float(np.mean(both[i * per_pair:(i + 1) * per_pair]))
+                                       for i, (a, b) in enumerate(pairs)}
+        out[name] = row | {"n": len(images)}
+    return out
+
+
 def eval_detector(world, n: int = 500) -> dict:
     images, truths = [], []
     for i in range(n):
@@ -94,7 +115,8 @@ def eval_detector(world, n: int = 500) -> dict:
     # generated images are decoded by the VAE: the detector must read its round trips as well as renderings
     decoded = world.detect(vae_roundtrip(world, images), threshold=0.05)
     return detection_map(dets, truths, world.concepts) | {
-        "mAP_vae_roundtrip": detection_map(decoded, truths, world.concepts)["mAP"], "n_scenes": n}
+        "mAP_vae_roundtrip": detection_map(decoded, truths, world.concepts)["mAP"], "n_scenes": n,
+        "pairs_both_found": detector_on_pairs(world)}
 
 
 def eval_clip_retrieval(world, n: int = 500, group: int = 100) -> dict:
@@ -712,19 +734,27 @@ def main(argv=None):
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="data/toy/quality.json")
-    p.add_argument("--skip", nargs="*", default=[],
-                   help="parts to skip: detector clip generation speed inversion attention attention_renderings "
-                        "look look_words pattern_kept quality")
+    parts = {"detector": eval_detector, "clip": eval_clip_retrieval, "generation": eval_generation, "speed": eval_speed,
+             "inversion": eval_inversion, "attention": eval_attention_localisation,
+             "attention_renderings": eval_attention_on_renderings, "look": eval_concept_look,
+             "look_words": eval_look_from_words, "pattern_kept": eval_pattern_kept, "quality": eval_sample_quality}
+    names = list(parts)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--skip", nargs="*", default=[], metavar="PART",
+                       help=f"parts to skip (the others are measured and merged into --out): {' '.join(names)}")
+    which.add_argument("--only", nargs="+", default=None, metavar="PART",
+                       help="measure only these parts and merge them into --out")
     args = p.parse_args(argv)
+    unknown = sorted((set(args.skip) | set(args.only or ())) - set(names))
+    if unknown:
+        p.error(f"unknown part(s) {unknown}; the parts are: {' '.join(names)}")
+    if args.only:
+        args.skip = [n for n in names if n not in args.only]
     world = load_world("toy")
     old = json.loads(open(args.out).read()) if args.skip and os.path.exists(args.out) else {}
     hardware = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {world.device}"
     # "hardware" at the top: the latest run's (a run with --skip keeps the other parts); each part records its own
     res = old | {"hardware": hardware, "command": "python -m compinv_utils.toy.evaluate"}
-    parts = {"detector": eval_detector, "clip": eval_clip_retrieval, "generation": eval_generation, "speed": eval_speed,
-             "inversion": eval_inversion, "attention": eval_attention_localisation,
-             "attention_renderings": eval_attention_on_renderings, "look": eval_concept_look,
-             "look_words": eval_look_from_words, "pattern_kept": eval_pattern_kept, "quality": eval_sample_quality}
     for name, fn in parts.items():
         if name in args.skip:
             continue
