@@ -113,7 +113,7 @@ class TrainConfig:
     # second colour); every committed world was trained on the default
     caption_policy: render.CaptionPolicy = render.CaptionPolicy()
     # the detector is a measuring instrument, not part of the generator: its data set includes the held-out noun
-    # pairs (trained without them, it found both nouns in only 0.60 of rendered held-out pairs, 0.99 of others)
+    # pairs (trained without them, it found both nouns in only 0.67 of rendered held-out pairs, 1.00 of others)
     detector_sees_held_out: bool = True
 
 
@@ -701,8 +701,9 @@ def build_world(out: Path, cfg: TrainConfig, device: torch.device, workers: int,
 
     tokenizer = build_tokenizer(render.caption_words())
     stage("tokenizer")
-    # the training data set, unless only a detector with its own data set is trained
-    need_data = bool({"vae", "clip", "unet"} & set(stages)) or ("detector" in stages and not cfg.detector_sees_held_out)
+    # the detector trains on the generator's data set only when it must not see the held-out pairs
+    detector_on_data = "detector" in stages and not cfg.detector_sees_held_out
+    need_data = bool({"vae", "clip", "unet"} & set(stages)) or detector_on_data
     data = load_or_render(cfg, tokenizer, workers, cache_dir) if need_data else None
     stage("render")
     if "vae" in stages:
@@ -711,8 +712,7 @@ def build_world(out: Path, cfg: TrainConfig, device: torch.device, workers: int,
     else:
         vae = load_part(AutoencoderKL, "vae_stage", "pipeline/vae")
     if data is not None:
-        encode_dataset(vae, data, device,
-                       recon="clip" in stages or ("detector" in stages and not cfg.detector_sees_held_out))
+        encode_dataset(vae, data, device, recon="clip" in stages or detector_on_data)
     stage("vae")
     if "clip" in stages:
         clip = train_clip(data, tokenizer, cfg, device, log)
@@ -727,7 +727,7 @@ def build_world(out: Path, cfg: TrainConfig, device: torch.device, workers: int,
     stage("clip")
     if "detector" in stages:
         det_data = data
-        if cfg.detector_sees_held_out:
+        if not detector_on_data:  # its own data set, with the held-out pairs; the UNet below keeps ``data``
             det_data = load_or_render(cfg, tokenizer, workers, cache_dir, held_out=True)
             encode_dataset(vae, det_data, device, recon=True)
         det = train_detector(det_data, cfg, device, log)
