@@ -56,16 +56,19 @@ toy-world: install
 	$(BIN)/python -m compinv_utils.toy.train --out runs/world5 --profile cpu-full --stages detector --det-steps 2500 --det-batch 128 --workers 2 --cache-dir runs/cache
 	@echo "The rebuilt world is in runs/world5: COMPINV_TOY_DIR=runs/world5 make evaluate-world measures it."
 
-# The same on one GPU with a time limit (not yet run on a GPU: the minutes are an estimate): rendering 100,000
-# scenes and the VAE take a few minutes, the UNet stops after GPU_UNET_MINUTES. GPU_PYTHON must have a CUDA
-# build of torch and the packages of pyproject.toml (the CPU-only .venv would not do).
+# The UNet on one lent GPU in one call of under 10 minutes (run on an H200: data/toy/logs/gpu_unet_runs.json):
+# 100,000 scenes rendered on the machine's CPU cores (75 s on 16), then the UNet alone in batches of 1,024 for
+# GPU_UNET_MINUTES, the VAE, CLIP and detector taken from data/toy. GPU_PYTHON must have a CUDA build of torch and
+# the packages of pyproject.toml (the CPU-only .venv would not do); GPU_UNET_WIDTHS=128,128 widens the UNet.
 GPU_PYTHON ?= python3
 GPU_DEVICE ?= cuda
-GPU_PROFILE ?= gpu
-GPU_UNET_MINUTES ?= 5
+GPU_PROFILE ?= gpu-short
+GPU_UNET_MINUTES ?= 5.5
+GPU_UNET_WIDTHS ?= 64,128
 GPU_OUT ?= runs/world-gpu
 toy-world-gpu:
-	$(GPU_PYTHON) -m compinv_utils.toy.train --out $(GPU_OUT) --profile $(GPU_PROFILE) --device $(GPU_DEVICE) --stages vae,unet --from data/toy --unet-minutes $(GPU_UNET_MINUTES) --cache-dir runs/cache
+	$(GPU_PYTHON) -m compinv_utils.toy.train --profile $(GPU_PROFILE) --data-only --cache-dir runs/cache
+	$(GPU_PYTHON) -m compinv_utils.toy.train --out $(GPU_OUT) --profile $(GPU_PROFILE) --device $(GPU_DEVICE) --stages unet --from data/toy --unet-minutes $(GPU_UNET_MINUTES) --unet-widths $(GPU_UNET_WIDTHS) --cache-dir runs/cache
 	@echo "The rebuilt world is in $(GPU_OUT): COMPINV_TOY_DIR=$(GPU_OUT) make evaluate-world measures it."
 
 evaluate-world: install

@@ -254,3 +254,32 @@ def test_the_detector_data_set_holds_the_held_out_pairs_and_the_generator_data_n
     assert sum(render.is_held_out(*p) for p in pairs(True)) > 20  # about 1 pair scene in 10
     assert train.TrainConfig().detector_sees_held_out and all(p.detector_sees_held_out for p in train.PROFILES.values())
     assert train.data_cache_path(tmp_path, CFG) != train.data_cache_path(tmp_path, CFG, held_out=True)
+
+
+def test_unet_widths_shape_the_unet_and_bad_widths_are_refused(tmp_path, capsys):
+    wide = make_unet(widths=(128, 128))
+    assert tuple(wide.config.block_out_channels) == (128, 128)
+    assert tuple(make_unet().config.block_out_channels) == train.TrainConfig().unet_widths == (64, 128)
+    out = wide(torch.randn(1, LATENT_CHANNELS, 8, 8), torch.tensor([10]), torch.randn(1, 77, 128)).sample
+    assert out.shape == (1, LATENT_CHANNELS, 8, 8)
+    for bad in ((64,), (48, 128), (0, 64)):
+        with pytest.raises(ValueError, match="multiples of 32"):
+            make_unet(widths=bad)
+    for bad in ("64", "64,100", "a,b"):
+        with pytest.raises(SystemExit):
+            train.main(["--out", str(tmp_path), "--profile", "smoke", "--unet-widths", bad])
+        assert "--unet-widths takes two positive multiples of 32" in capsys.readouterr().err
+    gpu = train.PROFILES["gpu-short"]  # one device call of under 10 minutes: the UNet stage alone, big batches
+    assert gpu.unet_batch >= 1024 and gpu.ground_weight > 0
+
+
+def test_data_only_renders_the_cache_and_trains_nothing(tmp_path, capsys):
+    train.main(["--out", str(tmp_path / "world"), "--profile", "smoke", "--data-only", "--workers", "1",
+                "--cache-dir", str(tmp_path / "cache")])
+    cached = train.data_cache_path(tmp_path / "cache", train.PROFILES["smoke"])
+    assert cached.is_file() and str(cached) in capsys.readouterr().out
+    assert not (tmp_path / "world").exists()
+    with np.load(cached) as f:
+        assert f["images"].shape[0] == train.PROFILES["smoke"].n_scenes
+    with pytest.raises(SystemExit):
+        train.main(["--out", str(tmp_path), "--profile", "smoke", "--data-only", "--no-cache"])

@@ -211,3 +211,38 @@ def test_evaluate_names_its_parts_when_asked_for_an_unknown_one(tmp_path, capsys
         err = capsys.readouterr().err
         assert "unknown part" in err or "not allowed with" in err
     assert not (tmp_path / "q.json").exists()
+
+
+def test_pattern_variants_differ_in_the_pattern_word_alone():
+    obj = render.sample_scene(3, n_objects=1).objects[0]
+    caps = E.pattern_variants(obj, "snow")
+    assert len(caps) == len(render.PATTERNS) and len(set(caps)) == len(caps)
+    plain = caps[render.PATTERNS.index("plain")].split()
+    assert not set(plain) & set(render.PATTERNS) and obj.colour in plain and obj.noun in plain
+    for pattern, cap in zip(render.PATTERNS[1:], caps[1:]):
+        words = cap.split()
+        assert pattern in words and [w for w in words if w != pattern] == plain
+    assert caps[0].endswith(render.BACKGROUNDS["snow"]) and not E.pattern_variants(obj)[0].endswith(
+        render.BACKGROUNDS["snow"])
+
+
+def test_pattern_token_states_are_read_at_the_pattern_word(toy_world):
+    states = E.pattern_token_states(toy_world, colours=("red", "blue"), nouns=("cat", "car", "pot"))
+    assert states.shape == (len(render.PATTERNS) - 1, 6, toy_world.pipe.text_encoder.config.hidden_size)
+    assert torch.isfinite(states).all()
+    assert not torch.allclose(states[0], states[1])  # two pattern words, two states
+
+
+def test_attribute_words_counts_every_rendering_and_every_detected_object(fast, probe_and_accuracy):
+    res = E.eval_attribute_words(fast, n=6, per_prompt=1, probe=probe_and_accuracy[0])
+    assert res["patterns"] == list(render.PATTERNS) and res["probe"] == "given"
+    assert np.asarray(res["clip"]["confusion"]).sum() == 6 and 0 <= res["clip"]["colour_accuracy"] <= 1
+    conf = np.asarray(res["generated"]["confusion"])
+    assert conf.shape == (4, 4) and conf.sum() == res["generated"]["n"] <= 4 * len(E.PATTERN_NOUNS)
+    assert res["generated"]["accuracy"] == pytest.approx(np.trace(conf) / max(conf.sum(), 1))
+    cos = np.asarray(res["text_states"]["centred_cosine"])
+    assert cos.shape == (3, 3) and np.allclose(np.diag(cos), 1, atol=1e-3) and np.allclose(cos, cos.T)
+    raw = np.asarray(res["text_states"]["cosine"])
+    assert raw.shape == (3, 3) and np.allclose(np.diag(raw), 1, atol=1e-3) and (raw <= 1 + 1e-3).all()
+    with pytest.raises(ValueError, match="at least 1"):
+        E.eval_attribute_words(fast, n=0, probe=probe_and_accuracy[0])

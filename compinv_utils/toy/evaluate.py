@@ -7,7 +7,8 @@ noun pairs that never appear together in training (``render.HELD_OUT_PAIRS``).
 
 Besides the quality bars, parts measure the prerequisites the paper's argument needs:
 word-specific cross-attention (``attention``), a concept's look on the object (``look``; ``look_words``:
-whether the world draws that look when words name it, the ceiling of ``look``) and an FID-style sample
+whether the world draws that look when words name it, the ceiling of ``look``; ``attribute_words``: whether
+the toy CLIP, the text encoder and the generator tell pattern words apart) and an FID-style sample
 quality on toy CLIP features (``quality``). ``--skip`` leaves parts out and ``--only`` measures the parts
 it names; either merges what it measures into the existing file, e.g.:
 
@@ -23,6 +24,7 @@ import os
 import platform
 import time
 import weakref
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -685,6 +687,103 @@ def eval_pattern_kept(world, n: int = 24, strengths: Sequence[float] = (0.2, 0.4
 # -- sample quality -------------------------------------------------------------------------------
 
 
+PATTERN_NOUNS = ("cat", "teddy", "pot", "chair", "car", "ball")  # nouns the pattern-from-words check draws
+
+
+def pattern_variants(obj: render.SceneObject, background: str | None = None) -> list[str]:
+    """The training-grammar caption of a single object with its colour named, once per pattern of
+    ``render.PATTERNS`` ("a photo of a purple cat", "... purple striped cat", ...), the background appended
+    when given: captions that differ in the pattern word alone."""
+    out = []
+    for pattern in render.PATTERNS:
+        text = "a photo of " + render.describe(replace(obj, pattern=pattern), True, True)
+        out.append(text + (" " + render.BACKGROUNDS[background] if background else ""))
+    return out
+
+
+def pattern_token_states(world, colours: Sequence[str] = tuple(render.COLOURS)[:6],
+                         nouns: Sequence[str] = PATTERN_NOUNS) -> torch.Tensor:
+    """The text encoder's output (what the UNet's cross-attention reads) at the pattern word of "a photo of
+    a {colour} {pattern} {noun}", for every named pattern (``render.PATTERNS`` without "plain"), colour and
+    noun: ``(patterns, colours * nouns, dim)``. A toy caption's words are one token each, so the pattern
+    word sits at position 6."""
+    tok, te = world.pipe.tokenizer, world.pipe.text_encoder
+    named = [p for p in render.PATTERNS if p != "plain"]
+    prompts = [f"a photo of {render.article(f'{c} {p} {n}')}" for p in named for c in colours for n in nouns]
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids.to(te.device)
+    words = [tok.convert_ids_to_tokens(int(i)) for i in ids[:, 6]]
+    if any(w.replace("</w>", "") not in named for w in words):
+        raise ValueError(f"position 6 of the pattern prompts holds {sorted(set(words))}, not a pattern word")
+    with torch.no_grad():
+        states = te(ids)[0][:, 6].float().cpu()
+    return states.view(len(named), len(colours) * len(nouns), -1)
+
+
+def eval_attribute_words(world, n: int = 240, per_prompt: int = 4, seed: int = 0,
+                         probe: AttributeProbe | None = None, probe_scenes: int = 2400) -> dict:
+    """Can the world tell pattern words apart, at each of the three places a word must pass to reach the
+    object? ``clip``: on ``n`` rendered single objects the toy CLIP picks, among the caption's four pattern
+    variants (:func:`pattern_variants`), the one that matches the image (chance 0.25; the text tower learnt
+    patterns only as far as this contrastive task needed them), and for comparison among its colour variants.
+    ``text_states``: the cosine and the centred cosine (each frame's mean over the named patterns removed)
+    between pattern words' text-encoder states at their own token (:func:`pattern_token_states`; near 1: the
+    UNet is handed nearly the same conditioning for both words). ``generated``: "a photo of a {colour}
+    {pattern} {noun}" for every pattern, :data:`PATTERN_NOUNS` and ``per_prompt`` seeds, the detected object's pattern read by
+    the attribute probe: the confusion of named (rows) against read (columns) patterns."""
+    if n < 1 or per_prompt < 1:
+        raise ValueError(f"n and per_prompt must be at least 1, got n={n}, per_prompt={per_prompt}")
+    names = list(render.PATTERNS)
+    k = len(names)
+    # (1) the toy CLIP: which pattern caption fits a rendering
+    clip_conf, colour_hits = np.zeros((k, k), int), 0
+    palette = list(render.COLOURS)
+    for i in range(n):
+        scene = render.sample_scene(EVAL_SEED + 600_000 + i, n_objects=1)
+        obj = scene.objects[0]
+        feats = world.image_features([render.draw_scene(scene)[0]])
+        sim = (feats @ world.text_features(pattern_variants(obj, scene.background)).T)[0]
+        clip_conf[names.index(obj.pattern), int(sim.argmax())] += 1
+        # the same choice for the colour word (the pattern kept), for comparison
+        by_colour = [pattern_variants(replace(obj, colour=c), scene.background)[names.index(obj.pattern)]
+                     for c in palette]
+        colour_hits += palette[int((feats @ world.text_features(by_colour).T)[0].argmax())] == obj.colour
+    # (2) the text encoder's states at the pattern word, centred over the named patterns
+    states = pattern_token_states(world)
+    centred = states - states.mean(0, keepdim=True)
+    unit = F.normalize(centred, dim=-1)
+    cos = torch.einsum("pcd,qcd->pqc", unit, unit).mean(-1).numpy()
+    raw_unit = F.normalize(states, dim=-1)
+    raw = torch.einsum("pcd,qcd->pqc", raw_unit, raw_unit).mean(-1).numpy()
+    named = [p for p in names if p != "plain"]
+    # (3) what the generator draws when the words name a pattern
+    probe, probe_info = _probe_or_shared(world, probe, probe_scenes, seed)
+    gen_conf = np.zeros((k, k), int)
+    colours = list(render.COLOURS)[:len(PATTERN_NOUNS)]
+    for pi, pattern in enumerate(tqdm(names, desc="patterns from words")):
+        for noun, colour in zip(PATTERN_NOUNS, colours):
+            words = f"{colour} {noun}" if pattern == "plain" else f"{colour} {pattern} {noun}"
+            _, crops = _object_crops(world, world.generate([f"a photo of {render.article(words)}"] * per_prompt,
+                                                           seed=seed), noun)
+            for read in probe.read(crops)[1]:
+                gen_conf[pi, names.index(read)] += 1
+
+    def accuracy(conf) -> float:
+        return float(np.trace(conf) / max(conf.sum(), 1))
+
+    return {"patterns": names,
+            "clip": {"accuracy": accuracy(clip_conf), "confusion": clip_conf.tolist(), "n": n, "chance": 1 / k,
+                     "colour_accuracy": colour_hits / n, "colour_chance": 1 / len(palette)},
+            "text_states": {"patterns": named, "centred_cosine": np.round(cos.astype(float), 3).tolist(),
+                            "cosine": np.round(raw.astype(float), 3).tolist(),
+                            "position": 6, "frames": states.shape[1]},
+            "generated": {"accuracy": accuracy(gen_conf), "confusion": gen_conf.tolist(),
+                          "read_plain": float(gen_conf[:, 0].sum() / max(gen_conf.sum(), 1)),
+                          "n": int(gen_conf.sum()), "per_prompt": per_prompt, "nouns": list(PATTERN_NOUNS),
+                          "steps": world.num_inference_steps, "guidance_scale": world.guidance_scale},
+            "probe": probe_info}
+
+
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets ``(n, D)`` and ``(m, D)``:
     ``|mu_a - mu_b|² + tr(S_a + S_b - 2 (S_a S_b)^½)``, as FID computes it (the real part of
@@ -738,7 +837,8 @@ def main(argv=None):
     parts = {"detector": eval_detector, "clip": eval_clip_retrieval, "generation": eval_generation, "speed": eval_speed,
              "inversion": eval_inversion, "attention": eval_attention_localisation,
              "attention_renderings": eval_attention_on_renderings, "look": eval_concept_look,
-             "look_words": eval_look_from_words, "pattern_kept": eval_pattern_kept, "quality": eval_sample_quality}
+             "look_words": eval_look_from_words, "pattern_kept": eval_pattern_kept, "quality": eval_sample_quality,
+             "attribute_words": eval_attribute_words}
     names = list(parts)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--skip", nargs="*", default=[], metavar="PART",

@@ -28,10 +28,18 @@ def make_vae(latent_channels: int = LATENT_CHANNELS) -> AutoencoderKL:
     )
 
 
-def make_unet(latent_channels: int = LATENT_CHANNELS) -> UNet2DConditionModel:
+UNET_WIDTHS = (64, 128)  # channels at the 8x8 and 4x4 levels of the committed UNet
+
+
+def make_unet(latent_channels: int = LATENT_CHANNELS, widths: tuple[int, ...] = UNET_WIDTHS) -> UNet2DConditionModel:
+    """The toy UNet: SD 1.5's block types at two levels (8x8 and 4x4 latents), ``widths`` channels each (multiples
+    of 32, the group-norm groups)."""
+    widths = tuple(int(w) for w in widths)
+    if len(widths) != 2 or any(w <= 0 or w % 32 for w in widths):
+        raise ValueError(f"UNet widths must be two positive multiples of 32 (one per level), got {widths}")
     return UNet2DConditionModel(
         sample_size=LATENT_SIZE, in_channels=latent_channels, out_channels=latent_channels,
-        block_out_channels=(64, 128), layers_per_block=2,
+        block_out_channels=widths, layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=TEXT_DIM, attention_head_dim=8, norm_num_groups=32,

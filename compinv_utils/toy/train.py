@@ -6,6 +6,7 @@
     python -m compinv_utils.toy.train --out /tmp/w --profile cpu-full --stages vae,unet --from data/toy
                                                                 # new VAE and UNet, CLIP and detector kept
     python -m compinv_utils.toy.train --out /tmp/w --profile gpu       # the whole world on one GPU
+    python -m compinv_utils.toy.train --profile gpu-short --data-only  # render and cache a data set, train nothing
 
 Stages: tokenizer, rendered data set, VAE, CLIP (saved), detector (saved), UNet (its EMA saved
 every ``unet_checkpoint_every`` steps while it trains), and the assembled ``StableDiffusionPipeline``. Every
@@ -42,6 +43,9 @@ training log records the real ones):
   ``--stages vae,unet --from data/toy`` the CLIP and detector trained on a GPU are kept (~100 min in all).
 - ``gpu`` — one recent GPU (an H200-class card): 100,000 scenes, the ``full`` VAE/CLIP/detector stages,
   UNet 30,000 steps of batch 256 with the grounding loss; not yet run on a GPU.
+- ``gpu-short`` — the UNet alone in one call of a lent GPU (``make toy-world-gpu``): 100,000 scenes rendered
+  with ``--data-only`` first (75 s on 16 cores of an H200 machine), then batches of 1,024 under ``--unet-minutes``
+  (about 6,000 samples/s per UNet with two trained side by side on one H200; ``data/toy/logs/gpu_unet_runs.json``).
 - ``full`` — the first edition's stage sizes (its UNet stage was cut short; see ``data/toy/training_log.json``);
   ``cpu-unet`` continues a UNet on a CPU; ``smoke`` checks the code path.
 """
@@ -68,8 +72,8 @@ from tqdm.auto import tqdm
 
 from ..files import atomic_path, torch_load, torch_save, write_text
 from . import render
-from .models import (IMAGE_SIZE, LATENT_CHANNELS, ToyDetector, make_clip, make_sample_scheduler, make_train_scheduler,
-                     make_unet, make_vae)
+from .models import (IMAGE_SIZE, LATENT_CHANNELS, UNET_WIDTHS, ToyDetector, make_clip, make_sample_scheduler,
+                     make_train_scheduler, make_unet, make_vae)
 from .tokenizer import build_tokenizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation, as in SD's feature extractor
@@ -107,6 +111,7 @@ class TrainConfig:
     ground_resolutions: tuple[int, ...] = (8,)  # cross-attention map sizes the grounding loss reads (8 and/or 4)
     unet_object_weight: float = 0.0  # extra weight of object cells in the UNet's noise loss (0: plain MSE)
     latent_channels: int = LATENT_CHANNELS  # the VAE's latent channels (the first edition had SD 1.5's 4)
+    unet_widths: tuple[int, ...] = UNET_WIDTHS  # the UNet's channels at its 8x8 and 4x4 levels (models.make_unet)
     vae_object_weight: float = 4.0  # extra weight of object pixels in the VAE's reconstruction loss (0: uniform)
     vae_edge_weight: float = 0.5  # weight of the L1 loss on image gradients (keeps stripes, dots and checks)
     # how often the training captions name each attribute (render.CaptionPolicy: colour, pattern, background,
@@ -130,6 +135,11 @@ PROFILES = {
     # A whole world on one GPU: more scenes and three times the UNet steps of "full" (see the module docstring).
     "gpu": TrainConfig(n_scenes=100_000, unet_steps=30_000, unet_warmup=1_000, ema_decay=0.9995,
                        unet_checkpoint_every=2_000, ground_weight=0.2, ground_pixel_weight=0.05),
+    # One call of a lent GPU of under 10 minutes: 100,000 scenes rendered on its CPU cores (~1 min), the UNet
+    # alone (VAE, CLIP and detector loaded with --from) in batches of 1,024 under --unet-minutes; the step count
+    # is the expected one, so the warm-up is in real steps and the cosine follows time if the GPU is slower.
+    "gpu-short": TrainConfig(n_scenes=100_000, unet_steps=5_000, unet_batch=1_024, unet_lr=4e-4, unet_warmup=250,
+                             ema_decay=0.999, unet_checkpoint_every=1_000, ground_weight=0.1, ground_pixel_weight=0.025),
     "smoke": TrainConfig(n_scenes=512, vae_steps=4, vae_batch=16, clip_steps=4, clip_batch=16, unet_steps=4,
                          unet_batch=16, det_steps=4, det_batch=16),
 }
@@ -497,7 +507,7 @@ def train_unet(data, tokenizer, text_encoder, cfg: TrainConfig, device, log, ckp
     torch.manual_seed(cfg.seed + 3)
     gen = torch.Generator(device).manual_seed(cfg.seed + 3)
     unet = (UNet2DConditionModel.from_pretrained(init, dtype=torch.float32) if init
-            else make_unet(cfg.latent_channels)).to(device).train()
+            else make_unet(cfg.latent_channels, cfg.unet_widths)).to(device).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     noise_sched = make_train_scheduler()
     n_t = noise_sched.config.num_train_timesteps
@@ -672,7 +682,8 @@ def build_world(out: Path, cfg: TrainConfig, device: torch.device, workers: int,
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    log: dict = {"config": asdict(cfg), "device": str(device), "torch": torch.__version__, "stages": list(stages),
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    log: dict = {"config": asdict(cfg), "device": str(device), "device_name": device_name, "torch": torch.__version__, "stages": list(stages),
                  "init_unet": str(init_unet) if init_unet else None, "stages_s": {}}
     t0 = time.time()
 
@@ -769,6 +780,10 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes that render the data set")
     p.add_argument("--unet-steps", type=int, default=None, help="override the profile's UNet steps")
+    p.add_argument("--unet-widths", default=None, metavar="64,128",
+                   help="the UNet's channels at its 8x8 and 4x4 levels, multiples of 32 (default 64,128)")
+    p.add_argument("--data-only", action="store_true",
+                   help="render and cache the data set of this configuration (in --cache-dir), then stop")
     p.add_argument("--stages", default=",".join(STAGES), help="stages to train; the others are loaded from --out")
     p.add_argument("--from", dest="source", default=None,
                    help="load the stages not trained from this world folder (default: --out); its CLIP and "
@@ -798,6 +813,15 @@ def main(argv=None):
     cfg = PROFILES[args.profile]
     if args.unet_steps is not None:
         cfg = replace(cfg, unet_steps=args.unet_steps)
+    if args.unet_widths is not None:
+        try:
+            widths = tuple(int(x) for x in args.unet_widths.split(","))
+        except ValueError:
+            widths = ()
+        if len(widths) != 2 or not all(w > 0 and w % 32 == 0 for w in widths):
+            p.error(f"--unet-widths takes two positive multiples of 32 separated by a comma (channels at the 8x8 "
+                    f"and 4x4 levels), e.g. 128,128; got {args.unet_widths!r}")
+        cfg = replace(cfg, unet_widths=widths)
     if args.ground_weight is not None:
         cfg = replace(cfg, ground_weight=args.ground_weight)
     if args.ground_pixel_weight is not None:
@@ -835,6 +859,13 @@ def main(argv=None):
         p.error(f"unknown stage(s) {unknown}; the stages are {', '.join(STAGES)}")
     if args.resume and "vae" in stages:
         p.error("--resume continues the UNet stage on the latents of the VAE already trained: use --stages unet")
+    if args.data_only:
+        if args.no_cache:
+            p.error("--data-only writes the data set to the cache: leave out --no-cache")
+        cache = Path(args.cache_dir).expanduser()
+        load_or_render(cfg, build_tokenizer(render.caption_words()), args.workers, cache)
+        print(f"data set cached: {data_cache_path(cache, cfg)}")
+        return
     log = build_world(Path(args.out), cfg, device, args.workers, stages, Path(args.init_unet) if args.init_unet else None,
                       None if args.no_cache else Path(args.cache_dir).expanduser(), args.resume,
                       Path(args.source) if args.source else None)
