@@ -59,16 +59,20 @@ toy-world: install
 # The UNet on one lent GPU in one call of under 10 minutes (run on an H200: data/toy/logs/gpu_unet_runs.json):
 # 100,000 scenes rendered on the machine's CPU cores (75 s on 16), then the UNet alone in batches of 1,024 for
 # GPU_UNET_MINUTES, the VAE, CLIP and detector taken from data/toy. GPU_PYTHON must have a CUDA build of torch and
-# the packages of pyproject.toml (the CPU-only .venv would not do); GPU_UNET_WIDTHS=128,128 widens the UNet.
+# the packages of pyproject.toml (the CPU-only .venv would not do); GPU_UNET_WIDTHS=128,128 widens the UNet. A CLIP
+# that must tell pattern words apart, then the UNet on its text tower: GPU_STAGES=clip,unet GPU_UNET_MINUTES=4.5
+# GPU_ARGS="--init-clip data/toy/clip --clip-pattern-negatives --clip-lr 1e-4 --clip-steps 1500 --clip-batch 512".
 GPU_PYTHON ?= python3
 GPU_DEVICE ?= cuda
 GPU_PROFILE ?= gpu-short
 GPU_UNET_MINUTES ?= 5.5
 GPU_UNET_WIDTHS ?= 64,128
+GPU_STAGES ?= unet
+GPU_ARGS ?=
 GPU_OUT ?= runs/world-gpu
 toy-world-gpu:
 	$(GPU_PYTHON) -m compinv_utils.toy.train --profile $(GPU_PROFILE) --data-only --cache-dir runs/cache
-	$(GPU_PYTHON) -m compinv_utils.toy.train --out $(GPU_OUT) --profile $(GPU_PROFILE) --device $(GPU_DEVICE) --stages unet --from data/toy --unet-minutes $(GPU_UNET_MINUTES) --unet-widths $(GPU_UNET_WIDTHS) --cache-dir runs/cache
+	$(GPU_PYTHON) -m compinv_utils.toy.train --out $(GPU_OUT) --profile $(GPU_PROFILE) --device $(GPU_DEVICE) --stages $(GPU_STAGES) --from data/toy --unet-minutes $(GPU_UNET_MINUTES) --unet-widths $(GPU_UNET_WIDTHS) --cache-dir runs/cache $(GPU_ARGS)
 	@echo "The rebuilt world is in $(GPU_OUT): COMPINV_TOY_DIR=$(GPU_OUT) make evaluate-world measures it."
 
 evaluate-world: install

@@ -283,3 +283,70 @@ def test_data_only_renders_the_cache_and_trains_nothing(tmp_path, capsys):
         assert f["images"].shape[0] == train.PROFILES["smoke"].n_scenes
     with pytest.raises(SystemExit):
         train.main(["--out", str(tmp_path), "--profile", "smoke", "--data-only", "--no-cache"])
+
+
+def test_pattern_negatives_change_one_objects_pattern_in_words(tokenizer):
+    full = train.render_dataset(40, workers=1, captions=1, policy=render.FULL)
+    ids, noun_object = train.tokenise_captions(full["captions"], full["labels"], tokenizer)
+    ids, noun_object = ids[:, 0], noun_object[:, 0]
+    pattern_ids = {p: tokenizer.convert_tokens_to_ids(p + "</w>") for p in render.PATTERNS if p != "plain"}
+    seen = set()
+    for seed in range(3):
+        negs = train.pattern_negatives(ids, noun_object, pattern_ids, tokenizer.pad_token_id,
+                                       np.random.default_rng(seed))
+        assert negs.shape == ids.shape
+        for r, (neg, pos) in enumerate(zip(negs, ids)):
+            words = tokenizer.decode(pos, skip_special_tokens=True).split()
+            text = tokenizer.decode(neg, skip_special_tokens=True).split()
+            assert [w for w in text if w not in pattern_ids] == [w for w in words if w not in pattern_ids]  # rest kept
+            if len(text) == len(words):  # one pattern word swapped for another
+                diff = [(a, b) for a, b in zip(words, text) if a != b]
+                assert len(diff) == 1 and diff[0][0] in pattern_ids and diff[0][1] in pattern_ids
+                seen.add("swapped")
+            else:  # one pattern word left out, or one added before a plain object's noun
+                assert abs(len(text) - len(words)) == 1
+                seen.add("dropped" if len(text) < len(words) else "added")
+                if len(text) > len(words):
+                    i = next(i for i, (a, b) in enumerate(zip(words + [None], text)) if a != b)
+                    assert text[i] in pattern_ids and text[i + 1] in render.NOUNS
+    assert seen == {"swapped", "dropped", "added"}
+    with pytest.raises(ValueError, match="names no noun"):
+        train.pattern_negatives(ids[:1], np.full_like(noun_object[:1], -1), pattern_ids, 0, np.random.default_rng(0))
+
+
+def test_clip_stage_with_pattern_negatives_starts_from_a_saved_clip(data, tokenizer, tmp_path, capsys):
+    clip = make_clip(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    clip.save_pretrained(tmp_path / "clip")
+    data = dict(data, recon=data["images"])
+    cfg = replace(CFG, clip_steps=2, clip_batch=8, clip_lr=1e-4, clip_pattern_negatives=True)
+    with pytest.raises(ValueError, match="always name the pattern"):  # the generator's captions name it half the time
+        train.train_clip(data, tokenizer, cfg, torch.device("cpu"), {})
+    cfg = replace(cfg, clip_caption_policy=render.FULL)
+    log = {}
+    tuned = train.train_clip(data, tokenizer, cfg, torch.device("cpu"), log, init=tmp_path / "clip")
+    assert np.isfinite(log["clip_final_loss"]) and log["clip_pattern_negatives_per_batch"] > 0
+    moved = [not torch.equal(a, b) for a, b in zip(clip.parameters(), tuned.parameters())]
+    assert any(moved)
+    log = {}
+    train.train_clip(data, tokenizer, replace(cfg, clip_pattern_negatives=False), torch.device("cpu"), log)
+    assert "clip_pattern_negatives_per_batch" not in log and np.isfinite(log["clip_final_loss"])
+    with pytest.raises(SystemExit):
+        train.main(["--out", str(tmp_path), "--profile", "smoke", "--stages", "unet", "--init-clip", str(tmp_path)])
+    assert "--init-clip starts the CLIP stage" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["--out", str(tmp_path), "--profile", "smoke", "--clip-lr", "0"])
+    with pytest.raises(SystemExit):
+        train.main(["--out", str(tmp_path), "--profile", "smoke", "--clip-pattern-negatives"])
+    assert "needs --clip-full-captions" in capsys.readouterr().err
+
+
+def test_the_clip_stage_renders_its_own_captions_when_its_policy_differs(tmp_path):
+    cfg = replace(train.PROFILES["smoke"], n_scenes=48, clip_steps=2, clip_batch=8, clip_caption_policy=render.FULL,
+                  clip_pattern_negatives=True)
+    source = tmp_path / "source"
+    train.build_world(source, replace(cfg, clip_caption_policy=None, clip_pattern_negatives=False),
+                      torch.device("cpu"), 1, cache_dir=tmp_path / "cache")
+    log = train.build_world(tmp_path / "out", cfg, torch.device("cpu"), 1, stages=("clip",), source=source,
+                            cache_dir=tmp_path / "cache", init_clip=source / "clip")
+    assert train.data_cache_path(tmp_path / "cache", replace(cfg, caption_policy=render.FULL)).is_file()
+    assert log["init_clip"] == str(source / "clip") and log["clip_pattern_negatives_per_batch"] == 8

@@ -246,3 +246,11 @@ def test_attribute_words_counts_every_rendering_and_every_detected_object(fast, 
     assert raw.shape == (3, 3) and np.allclose(np.diag(raw), 1, atol=1e-3) and (raw <= 1 + 1e-3).all()
     with pytest.raises(ValueError, match="at least 1"):
         E.eval_attribute_words(fast, n=0, probe=probe_and_accuracy[0])
+
+
+def test_clip_words_is_the_first_two_links_of_attribute_words(toy_world):
+    res = E.eval_clip_words(toy_world, n=5)
+    assert set(res) == {"patterns", "clip", "text_states"} and np.asarray(res["clip"]["confusion"]).sum() == 5
+    assert res == E.eval_clip_words(toy_world, n=5)  # deterministic
+    with pytest.raises(ValueError, match="at least 1"):
+        E.eval_clip_words(toy_world, n=0)

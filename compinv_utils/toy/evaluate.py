@@ -8,9 +8,9 @@ noun pairs that never appear together in training (``render.HELD_OUT_PAIRS``).
 Besides the quality bars, parts measure the prerequisites the paper's argument needs:
 word-specific cross-attention (``attention``), a concept's look on the object (``look``; ``look_words``:
 whether the world draws that look when words name it, the ceiling of ``look``; ``attribute_words``: whether
-the toy CLIP, the text encoder and the generator tell pattern words apart) and an FID-style sample
-quality on toy CLIP features (``quality``). ``--skip`` leaves parts out and ``--only`` measures the parts
-it names; either merges what it measures into the existing file, e.g.:
+the toy CLIP, the text encoder and the generator tell pattern words apart; ``clip_words``: its first two alone)
+and an FID-style sample quality on toy CLIP features (``quality``). ``--skip`` leaves parts out and ``--only``
+measures the parts it names; either merges what it measures into the existing file, e.g.:
 
     python -m compinv_utils.toy.evaluate --only detector generation
 """
@@ -720,23 +720,17 @@ def pattern_token_states(world, colours: Sequence[str] = tuple(render.COLOURS)[:
     return states.view(len(named), len(colours) * len(nouns), -1)
 
 
-def eval_attribute_words(world, n: int = 240, per_prompt: int = 4, seed: int = 0,
-                         probe: AttributeProbe | None = None, probe_scenes: int = 2400) -> dict:
-    """Can the world tell pattern words apart, at each of the three places a word must pass to reach the
-    object? ``clip``: on ``n`` rendered single objects the toy CLIP picks, among the caption's four pattern
-    variants (:func:`pattern_variants`), the one that matches the image (chance 0.25; the text tower learnt
-    patterns only as far as this contrastive task needed them), and for comparison among its colour variants.
-    ``text_states``: the cosine and the centred cosine (each frame's mean over the named patterns removed)
-    between pattern words' text-encoder states at their own token (:func:`pattern_token_states`; near 1: the
-    UNet is handed nearly the same conditioning for both words). ``generated``: "a photo of a {colour}
-    {pattern} {noun}" for every pattern, :data:`PATTERN_NOUNS` and ``per_prompt`` seeds, the detected object's pattern read by
-    the attribute probe: the confusion of named (rows) against read (columns) patterns."""
-    if n < 1 or per_prompt < 1:
-        raise ValueError(f"n and per_prompt must be at least 1, got n={n}, per_prompt={per_prompt}")
+def eval_clip_words(world, n: int = 240) -> dict:
+    """Can the toy CLIP and its text tower tell pattern words apart? ``clip``: on ``n`` rendered single objects
+    the toy CLIP picks, among the caption's four pattern variants (:func:`pattern_variants`), the one that
+    matches the image (chance 0.25; the text tower learnt patterns only as far as its contrastive task needed
+    them), and for comparison among its colour variants. ``text_states``: the cosine and the centred cosine
+    (each frame's mean over the named patterns removed) between pattern words' text-encoder states at their own
+    token (:func:`pattern_token_states`; near 1: the UNet is handed nearly the same conditioning for both)."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
     names = list(render.PATTERNS)
-    k = len(names)
-    # (1) the toy CLIP: which pattern caption fits a rendering
-    clip_conf, colour_hits = np.zeros((k, k), int), 0
+    clip_conf, colour_hits = np.zeros((len(names), len(names)), int), 0
     palette = list(render.COLOURS)
     for i in range(n):
         scene = render.sample_scene(EVAL_SEED + 600_000 + i, n_objects=1)
@@ -748,17 +742,33 @@ def eval_attribute_words(world, n: int = 240, per_prompt: int = 4, seed: int = 0
         by_colour = [pattern_variants(replace(obj, colour=c), scene.background)[names.index(obj.pattern)]
                      for c in palette]
         colour_hits += palette[int((feats @ world.text_features(by_colour).T)[0].argmax())] == obj.colour
-    # (2) the text encoder's states at the pattern word, centred over the named patterns
     states = pattern_token_states(world)
-    centred = states - states.mean(0, keepdim=True)
-    unit = F.normalize(centred, dim=-1)
-    cos = torch.einsum("pcd,qcd->pqc", unit, unit).mean(-1).numpy()
+    unit = F.normalize(states - states.mean(0, keepdim=True), dim=-1)
+    centred = torch.einsum("pcd,qcd->pqc", unit, unit).mean(-1).numpy()
     raw_unit = F.normalize(states, dim=-1)
     raw = torch.einsum("pcd,qcd->pqc", raw_unit, raw_unit).mean(-1).numpy()
-    named = [p for p in names if p != "plain"]
-    # (3) what the generator draws when the words name a pattern
+    return {"patterns": names,
+            "clip": {"accuracy": float(np.trace(clip_conf) / n), "confusion": clip_conf.tolist(), "n": n,
+                     "chance": 1 / len(names), "colour_accuracy": colour_hits / n, "colour_chance": 1 / len(palette)},
+            "text_states": {"patterns": [p for p in names if p != "plain"],
+                            "centred_cosine": np.round(centred.astype(float), 3).tolist(),
+                            "cosine": np.round(raw.astype(float), 3).tolist(),
+                            "position": 6, "frames": states.shape[1]}}
+
+
+def eval_attribute_words(world, n: int = 240, per_prompt: int = 4, seed: int = 0,
+                         probe: AttributeProbe | None = None, probe_scenes: int = 2400) -> dict:
+    """Can the world tell pattern words apart, at each of the three places a word must pass to reach the
+    object? The toy CLIP and the text encoder (``clip``, ``text_states``: :func:`eval_clip_words` on ``n``
+    renderings) and the generator: ``generated``, "a photo of a {colour} {pattern} {noun}" for every pattern,
+    :data:`PATTERN_NOUNS` and ``per_prompt`` seeds, the detected object's pattern read by the attribute
+    probe: the confusion of named (rows) against read (columns) patterns."""
+    if n < 1 or per_prompt < 1:
+        raise ValueError(f"n and per_prompt must be at least 1, got n={n}, per_prompt={per_prompt}")
+    res = eval_clip_words(world, n)
+    names = res["patterns"]
     probe, probe_info = _probe_or_shared(world, probe, probe_scenes, seed)
-    gen_conf = np.zeros((k, k), int)
+    gen_conf = np.zeros((len(names), len(names)), int)
     colours = list(render.COLOURS)[:len(PATTERN_NOUNS)]
     for pi, pattern in enumerate(tqdm(names, desc="patterns from words")):
         for noun, colour in zip(PATTERN_NOUNS, colours):
@@ -767,21 +777,13 @@ def eval_attribute_words(world, n: int = 240, per_prompt: int = 4, seed: int = 0
                                                            seed=seed), noun)
             for read in probe.read(crops)[1]:
                 gen_conf[pi, names.index(read)] += 1
-
-    def accuracy(conf) -> float:
-        return float(np.trace(conf) / max(conf.sum(), 1))
-
-    return {"patterns": names,
-            "clip": {"accuracy": accuracy(clip_conf), "confusion": clip_conf.tolist(), "n": n, "chance": 1 / k,
-                     "colour_accuracy": colour_hits / n, "colour_chance": 1 / len(palette)},
-            "text_states": {"patterns": named, "centred_cosine": np.round(cos.astype(float), 3).tolist(),
-                            "cosine": np.round(raw.astype(float), 3).tolist(),
-                            "position": 6, "frames": states.shape[1]},
-            "generated": {"accuracy": accuracy(gen_conf), "confusion": gen_conf.tolist(),
-                          "read_plain": float(gen_conf[:, 0].sum() / max(gen_conf.sum(), 1)),
-                          "n": int(gen_conf.sum()), "per_prompt": per_prompt, "nouns": list(PATTERN_NOUNS),
-                          "steps": world.num_inference_steps, "guidance_scale": world.guidance_scale},
-            "probe": probe_info}
+    total = max(int(gen_conf.sum()), 1)
+    res["generated"] = {"accuracy": float(np.trace(gen_conf) / total), "confusion": gen_conf.tolist(),
+                        "read_plain": float(gen_conf[:, 0].sum() / total), "n": int(gen_conf.sum()),
+                        "per_prompt": per_prompt, "nouns": list(PATTERN_NOUNS), "steps": world.num_inference_steps,
+                        "guidance_scale": world.guidance_scale}
+    res["probe"] = probe_info
+    return res
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -838,7 +840,7 @@ def main(argv=None):
              "inversion": eval_inversion, "attention": eval_attention_localisation,
              "attention_renderings": eval_attention_on_renderings, "look": eval_concept_look,
              "look_words": eval_look_from_words, "pattern_kept": eval_pattern_kept, "quality": eval_sample_quality,
-             "attribute_words": eval_attribute_words}
+             "attribute_words": eval_attribute_words, "clip_words": eval_clip_words}
     names = list(parts)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--skip", nargs="*", default=[], metavar="PART",

@@ -92,6 +92,15 @@ class TrainConfig:
     vae_batch: int = 128
     clip_steps: int = 3_000  # contrastive CLIP steps
     clip_batch: int = 512
+    clip_lr: float = 5e-4
+    # the CLIP stage's own captions (None: the generator's). With render.FULL every caption names every pattern,
+    # so a phrase without a pattern word means a plain object, which the generator's captions cannot teach
+    clip_caption_policy: render.CaptionPolicy | None = None
+    # add to every batch, per caption, the same caption with one object's pattern changed (swapped, left out or
+    # added: a hard negative). Without them, telling the captions of a batch apart never needs the pattern, and the
+    # committed CLIP picks a rendering's pattern caption among four for 0.39 of objects. Needs captions that always
+    # name the pattern (clip_caption_policy=render.FULL)
+    clip_pattern_negatives: bool = False
     unet_steps: int = 9_000  # UNet denoising steps
     unet_batch: int = 256
     unet_lr: float = 4e-4
@@ -398,18 +407,68 @@ def _pick_images(data, idx, gen, device) -> torch.Tensor:
     return to_unit(np.where(use_rec[:, None, None, None], rec, raw), device)
 
 
-def train_clip(data, tokenizer, cfg: TrainConfig, device, log):
+def pattern_negatives(ids: np.ndarray, noun_object: np.ndarray, pattern_ids: dict[str, int], pad_id: int,
+                      gen: np.random.Generator) -> np.ndarray:
+    """Hard negatives for CLIP, one per caption ``ids`` ``(B, T)`` whose captions name every pattern
+    (``render.FULL``): one noun of the caption (``noun_object`` >= 0; see :func:`tokenise_captions`) is drawn,
+    and its object's pattern changed in words. A pattern word before it is swapped for another one or, one time in
+    three, left out (the object made plain); a noun without one gets one (a plain object made patterned). Tokens
+    move along by one place where a word is left out or added. ``pattern_ids``: word -> token id, "plain"
+    excluded. Returns ``(B, T)``."""
+    id_list = np.array([pattern_ids[w] for w in sorted(pattern_ids)])
+    negs = ids.copy()
+    for r in range(len(ids)):
+        nouns = np.nonzero(noun_object[r] >= 0)[0]
+        if not len(nouns):
+            raise ValueError(f"caption {r} names no noun: pattern negatives need noun positions")
+        pos = int(nouns[gen.integers(len(nouns))])
+        row = ids[r]
+        if pos > 0 and row[pos - 1] in id_list:  # a patterned object: another pattern, or none
+            if gen.random() < 1 / 3:
+                negs[r] = np.concatenate([row[:pos - 1], row[pos:], [pad_id]])
+            else:
+                others = id_list[id_list != row[pos - 1]]
+                negs[r, pos - 1] = others[gen.integers(len(others))]
+        else:  # a plain object: give it a pattern
+            negs[r] = np.concatenate([row[:pos], [id_list[gen.integers(len(id_list))]], row[pos:-1]])
+    return negs
+
+
+def train_clip(data, tokenizer, cfg: TrainConfig, device, log, init: Path | None = None):
+    """Train the toy CLIP contrastively on the rendered images (half of them as VAE reconstructions) and their
+    pre-tokenised captions, from scratch or from the saved CLIPModel ``init``; with ``clip_pattern_negatives``
+    each batch adds :func:`pattern_negatives` as texts that match no image. ``data`` holds captions drawn with
+    ``clip_caption_policy`` when it is set (see :func:`build_world`)."""
+    from transformers import CLIPModel
+
+    policy = cfg.clip_caption_policy or cfg.caption_policy
+    if cfg.clip_pattern_negatives and policy.p_pattern < 1:
+        raise ValueError("pattern negatives need CLIP captions that always name the pattern (a phrase without one "
+                         "must mean a plain object): set clip_caption_policy=render.FULL (--clip-full-captions)")
     torch.manual_seed(cfg.seed + 2)
     gen = np.random.default_rng(cfg.seed + 2)
-    clip = make_clip(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id).to(device).train()
-    opt, sched = _optimiser(clip.parameters(), 5e-4, cfg.clip_steps, min(300, cfg.clip_steps // 10 + 1))
+    clip = (CLIPModel.from_pretrained(init, dtype=torch.float32) if init
+            else make_clip(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)).to(device).train()
+    opt, sched = _optimiser(clip.parameters(), cfg.clip_lr, cfg.clip_steps, min(300, cfg.clip_steps // 10 + 1))
+    pattern_ids = {p: tokenizer.convert_tokens_to_ids(p + "</w>") for p in render.PATTERNS if p != "plain"}
+    n_negatives = 0
     bar = tqdm(range(cfg.clip_steps), desc="CLIP")
     for step in bar:
         idx = gen.choice(len(data["images"]), cfg.clip_batch, replace=False)
         px = clip_normalise(_pick_images(data, idx, gen, device))
-        ids = torch.from_numpy(data["ids"][idx, gen.integers(0, data["ids"].shape[1], len(idx))]).long().to(device)
+        k = gen.integers(0, data["ids"].shape[1], len(idx))
+        ids_np = data["ids"][idx, k]
+        if cfg.clip_pattern_negatives:
+            negs = pattern_negatives(ids_np, data["noun_object"][idx, k], pattern_ids, tokenizer.pad_token_id, gen)
+            n_negatives += len(negs)
+            ids_np = np.concatenate([ids_np, negs])
+        ids = torch.from_numpy(ids_np).long().to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = clip(input_ids=ids, pixel_values=px, return_loss=True).loss
+            out = clip(input_ids=ids, pixel_values=px)
+            target = torch.arange(len(idx), device=device)
+            # images against every text (the negatives match none); texts against images, positives only
+            loss = (F.cross_entropy(out.logits_per_image.float(), target)
+                    + F.cross_entropy(out.logits_per_text[:len(idx)].float(), target)) / 2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -417,6 +476,8 @@ def train_clip(data, tokenizer, cfg: TrainConfig, device, log):
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     log["clip_final_loss"] = loss.item()
+    if cfg.clip_pattern_negatives:
+        log["clip_pattern_negatives_per_batch"] = round(n_negatives / max(cfg.clip_steps, 1), 1)
     return clip.eval()
 
 
@@ -668,7 +729,7 @@ DEFAULT_CACHE = Path("~/.cache/compinv_utils/toy")  # rendered, tokenised data s
 
 def build_world(out: Path, cfg: TrainConfig, device: torch.device, workers: int, stages=STAGES,
                 init_unet: Path | None = None, cache_dir: Path | None = None, resume: bool = False,
-                source: Path | None = None) -> dict:
+                source: Path | None = None, init_clip: Path | None = None) -> dict:
     """Run the given stages, load the others from ``source`` (default ``out``; the CLIP and detector folders
     are copied from there into ``out``), and write the world to ``out``; returns the log."""
     import shutil
@@ -683,8 +744,10 @@ def build_world(out: Path, cfg: TrainConfig, device: torch.device, workers: int,
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    log: dict = {"config": asdict(cfg), "device": str(device), "device_name": device_name, "torch": torch.__version__, "stages": list(stages),
-                 "init_unet": str(init_unet) if init_unet else None, "stages_s": {}}
+    log: dict = {"config": asdict(cfg), "device": str(device), "device_name": device_name, "torch": torch.__version__,
+                 "stages": list(stages), "init_unet": str(init_unet) if init_unet else None, "stages_s": {}}
+    if init_clip:
+        log["init_clip"] = str(init_clip)
     t0 = time.time()
 
     def stage(name):
@@ -722,11 +785,17 @@ def build_world(out: Path, cfg: TrainConfig, device: torch.device, workers: int,
         _half_copy(vae).save_pretrained(out / "vae_stage")
     else:
         vae = load_part(AutoencoderKL, "vae_stage", "pipeline/vae")
+    clip_own_data = "clip" in stages and cfg.clip_caption_policy not in (None, cfg.caption_policy)
     if data is not None:
-        encode_dataset(vae, data, device, recon="clip" in stages or detector_on_data)
+        encode_dataset(vae, data, device, recon=("clip" in stages and not clip_own_data) or detector_on_data)
     stage("vae")
     if "clip" in stages:
-        clip = train_clip(data, tokenizer, cfg, device, log)
+        clip_data = data
+        if clip_own_data:  # the same scenes, captions drawn with the CLIP's own policy
+            clip_data = load_or_render(replace(cfg, caption_policy=cfg.clip_caption_policy), tokenizer, workers, cache_dir)
+            encode_dataset(vae, clip_data, device, recon=True)
+        clip = train_clip(clip_data, tokenizer, cfg, device, log, init_clip)
+        del clip_data
         clip_dir = out / "clip"
         _half_copy(clip).save_pretrained(clip_dir)
         CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
@@ -789,6 +858,15 @@ def main(argv=None):
                    help="load the stages not trained from this world folder (default: --out); its CLIP and "
                         "detector are copied into --out")
     p.add_argument("--init-unet", default=None, help="start the UNet stage from this saved UNet instead of scratch")
+    p.add_argument("--init-clip", default=None, help="start the CLIP stage from this saved CLIPModel (e.g. data/toy/clip)")
+    p.add_argument("--clip-steps", type=int, default=None, help="override the profile's CLIP steps")
+    p.add_argument("--clip-batch", type=int, default=None, help="override the profile's CLIP batch size")
+    p.add_argument("--clip-lr", type=float, default=None, help="override the CLIP stage's learning rate (5e-4)")
+    p.add_argument("--clip-full-captions", action="store_true",
+                   help="the CLIP stage's captions name every attribute (render.FULL) instead of the generator's")
+    p.add_argument("--clip-pattern-negatives", action="store_true",
+                   help="train the CLIP with captions whose pattern word is changed as hard negatives (see "
+                        "pattern_negatives; needs --clip-full-captions)")
     p.add_argument("--resume", action="store_true",
                    help=f"continue the UNet stage from --out/{UNET_STATE} (its last checkpoint); use with --stages unet")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="where the rendered, tokenised data set is cached")
@@ -828,7 +906,18 @@ def main(argv=None):
         cfg = replace(cfg, ground_pixel_weight=args.ground_pixel_weight)
     if args.unet_object_weight is not None:
         cfg = replace(cfg, unet_object_weight=args.unet_object_weight)
-    for name in ("det_steps", "det_batch"):
+    if args.clip_lr is not None:
+        if not args.clip_lr > 0:
+            p.error(f"--clip-lr must be positive, got {args.clip_lr}")
+        cfg = replace(cfg, clip_lr=args.clip_lr)
+    if args.clip_full_captions:
+        cfg = replace(cfg, clip_caption_policy=render.FULL)
+    if args.clip_pattern_negatives:
+        if not args.clip_full_captions:
+            p.error("--clip-pattern-negatives needs --clip-full-captions (a caption without a pattern word must mean "
+                    "a plain object)")
+        cfg = replace(cfg, clip_pattern_negatives=True)
+    for name in ("det_steps", "det_batch", "clip_steps", "clip_batch"):
         value = getattr(args, name)
         if value is not None:
             if value < 1:
@@ -857,6 +946,8 @@ def main(argv=None):
     unknown = [x for x in stages if x not in STAGES]
     if unknown:
         p.error(f"unknown stage(s) {unknown}; the stages are {', '.join(STAGES)}")
+    if args.init_clip and "clip" not in stages:
+        p.error("--init-clip starts the CLIP stage: add clip to --stages")
     if args.resume and "vae" in stages:
         p.error("--resume continues the UNet stage on the latents of the VAE already trained: use --stages unet")
     if args.data_only:
@@ -868,7 +959,7 @@ def main(argv=None):
         return
     log = build_world(Path(args.out), cfg, device, args.workers, stages, Path(args.init_unet) if args.init_unet else None,
                       None if args.no_cache else Path(args.cache_dir).expanduser(), args.resume,
-                      Path(args.source) if args.source else None)
+                      Path(args.source) if args.source else None, Path(args.init_clip) if args.init_clip else None)
     print(json.dumps(log, indent=2))
 
 
