@@ -61,7 +61,9 @@ toy-world: install
 # GPU_UNET_MINUTES, the VAE, CLIP and detector taken from data/toy. GPU_PYTHON must have a CUDA build of torch and
 # the packages of pyproject.toml (the CPU-only .venv would not do); GPU_UNET_WIDTHS=128,128 widens the UNet. A CLIP
 # that must tell pattern words apart, then the UNet on its text tower: GPU_STAGES=clip,unet GPU_UNET_MINUTES=4.5
-# GPU_ARGS="--init-clip data/toy/clip --clip-pattern-negatives --clip-lr 1e-4 --clip-steps 1500 --clip-batch 512".
+# GPU_ARGS="--init-clip data/toy/clip --clip-full-captions --clip-pattern-negatives --clip-lr 1e-4 --clip-steps 1500";
+# or the UNet on a world whose CLIP was tuned before: GPU_FROM=<that world>. A caption policy goes in GPU_ARGS and
+# GPU_DATA_ARGS both (e.g. --caption-policy 0.5,1.0,0.5,0.5), so that the UNet finds the data set rendered for it.
 GPU_PYTHON ?= python3
 GPU_DEVICE ?= cuda
 GPU_PROFILE ?= gpu-short
@@ -69,10 +71,12 @@ GPU_UNET_MINUTES ?= 5.5
 GPU_UNET_WIDTHS ?= 64,128
 GPU_STAGES ?= unet
 GPU_ARGS ?=
+GPU_DATA_ARGS ?=
+GPU_FROM ?= data/toy
 GPU_OUT ?= runs/world-gpu
 toy-world-gpu:
-	$(GPU_PYTHON) -m compinv_utils.toy.train --profile $(GPU_PROFILE) --data-only --cache-dir runs/cache
-	$(GPU_PYTHON) -m compinv_utils.toy.train --out $(GPU_OUT) --profile $(GPU_PROFILE) --device $(GPU_DEVICE) --stages $(GPU_STAGES) --from data/toy --unet-minutes $(GPU_UNET_MINUTES) --unet-widths $(GPU_UNET_WIDTHS) --cache-dir runs/cache $(GPU_ARGS)
+	$(GPU_PYTHON) -m compinv_utils.toy.train --profile $(GPU_PROFILE) --data-only --cache-dir runs/cache $(GPU_DATA_ARGS)
+	$(GPU_PYTHON) -m compinv_utils.toy.train --out $(GPU_OUT) --profile $(GPU_PROFILE) --device $(GPU_DEVICE) --stages $(GPU_STAGES) --from $(GPU_FROM) --unet-minutes $(GPU_UNET_MINUTES) --unet-widths $(GPU_UNET_WIDTHS) --cache-dir runs/cache $(GPU_ARGS)
 	@echo "The rebuilt world is in $(GPU_OUT): COMPINV_TOY_DIR=$(GPU_OUT) make evaluate-world measures it."
 
 evaluate-world: install

@@ -231,6 +231,10 @@ def test_pattern_token_states_are_read_at_the_pattern_word(toy_world):
     assert states.shape == (len(render.PATTERNS) - 1, 6, toy_world.pipe.text_encoder.config.hidden_size)
     assert torch.isfinite(states).all()
     assert not torch.allclose(states[0], states[1])  # two pattern words, two states
+    nouns = E.pattern_token_states(toy_world, colours=("red",), nouns=("cat",), position="noun")
+    assert nouns.shape == (len(render.PATTERNS) - 1, 1, states.shape[-1]) and not torch.allclose(nouns[0], states[0, :1])
+    with pytest.raises(ValueError, match="position must be"):
+        E.pattern_token_states(toy_world, position="colour")
 
 
 def test_attribute_words_counts_every_rendering_and_every_detected_object(fast, probe_and_accuracy):
@@ -242,8 +246,9 @@ def test_attribute_words_counts_every_rendering_and_every_detected_object(fast, 
     assert res["generated"]["accuracy"] == pytest.approx(np.trace(conf) / max(conf.sum(), 1))
     cos = np.asarray(res["text_states"]["centred_cosine"])
     assert cos.shape == (3, 3) and np.allclose(np.diag(cos), 1, atol=1e-3) and np.allclose(cos, cos.T)
-    raw = np.asarray(res["text_states"]["cosine"])
-    assert raw.shape == (3, 3) and np.allclose(np.diag(raw), 1, atol=1e-3) and (raw <= 1 + 1e-3).all()
+    for key in ("cosine", "noun_cosine", "eos_cosine", "noun_centred_cosine"):
+        raw = np.asarray(res["text_states"][key])
+        assert raw.shape == (3, 3) and np.allclose(np.diag(raw), 1, atol=1e-3) and (raw <= 1 + 1e-3).all(), key
     with pytest.raises(ValueError, match="at least 1"):
         E.eval_attribute_words(fast, n=0, probe=probe_and_accuracy[0])
 

@@ -701,22 +701,28 @@ def pattern_variants(obj: render.SceneObject, background: str | None = None) -> 
     return out
 
 
+TEXT_POSITIONS = {"pattern": 6, "noun": 7, "eos": 8}  # in "a photo of a {colour} {pattern} {noun}" (BOS at 0)
+
+
 def pattern_token_states(world, colours: Sequence[str] = tuple(render.COLOURS)[:6],
-                         nouns: Sequence[str] = PATTERN_NOUNS) -> torch.Tensor:
-    """The text encoder's output (what the UNet's cross-attention reads) at the pattern word of "a photo of
-    a {colour} {pattern} {noun}", for every named pattern (``render.PATTERNS`` without "plain"), colour and
-    noun: ``(patterns, colours * nouns, dim)``. A toy caption's words are one token each, so the pattern
-    word sits at position 6."""
+                         nouns: Sequence[str] = PATTERN_NOUNS, position: str = "pattern") -> torch.Tensor:
+    """The text encoder's output (what the UNet's cross-attention reads) for "a photo of a {colour} {pattern}
+    {noun}", for every named pattern (``render.PATTERNS`` without "plain"), colour and noun, at the pattern word,
+    the noun after it or the end token (``position``, :data:`TEXT_POSITIONS`; a toy caption's words are one token
+    each): ``(patterns, colours * nouns, dim)``. The text tower is causal, so the noun and the end token see the
+    pattern word and the pattern word sees nothing after it."""
+    if position not in TEXT_POSITIONS:
+        raise ValueError(f"position must be one of {sorted(TEXT_POSITIONS)}, got {position!r}")
     tok, te = world.pipe.tokenizer, world.pipe.text_encoder
     named = [p for p in render.PATTERNS if p != "plain"]
     prompts = [f"a photo of {render.article(f'{c} {p} {n}')}" for p in named for c in colours for n in nouns]
     ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
               return_tensors="pt").input_ids.to(te.device)
-    words = [tok.convert_ids_to_tokens(int(i)) for i in ids[:, 6]]
+    words = [tok.convert_ids_to_tokens(int(i)) for i in ids[:, TEXT_POSITIONS["pattern"]]]
     if any(w.replace("</w>", "") not in named for w in words):
         raise ValueError(f"position 6 of the pattern prompts holds {sorted(set(words))}, not a pattern word")
     with torch.no_grad():
-        states = te(ids)[0][:, 6].float().cpu()
+        states = te(ids)[0][:, TEXT_POSITIONS[position]].float().cpu()
     return states.view(len(named), len(colours) * len(nouns), -1)
 
 
@@ -725,8 +731,9 @@ def eval_clip_words(world, n: int = 240) -> dict:
     the toy CLIP picks, among the caption's four pattern variants (:func:`pattern_variants`), the one that
     matches the image (chance 0.25; the text tower learnt patterns only as far as its contrastive task needed
     them), and for comparison among its colour variants. ``text_states``: the cosine and the centred cosine
-    (each frame's mean over the named patterns removed) between pattern words' text-encoder states at their own
-    token (:func:`pattern_token_states`; near 1: the UNet is handed nearly the same conditioning for both)."""
+    (each frame's mean over the named patterns removed) between the text-encoder states of captions that differ
+    in the pattern word, at that word (``cosine``), at the noun after it (``noun_cosine``) and at the end token
+    (``eos_cosine``; :func:`pattern_token_states`; near 1: the UNet is handed nearly the same conditioning)."""
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     names = list(render.PATTERNS)
@@ -742,18 +749,21 @@ def eval_clip_words(world, n: int = 240) -> dict:
         by_colour = [pattern_variants(replace(obj, colour=c), scene.background)[names.index(obj.pattern)]
                      for c in palette]
         colour_hits += palette[int((feats @ world.text_features(by_colour).T)[0].argmax())] == obj.colour
-    states = pattern_token_states(world)
-    unit = F.normalize(states - states.mean(0, keepdim=True), dim=-1)
-    centred = torch.einsum("pcd,qcd->pqc", unit, unit).mean(-1).numpy()
-    raw_unit = F.normalize(states, dim=-1)
-    raw = torch.einsum("pcd,qcd->pqc", raw_unit, raw_unit).mean(-1).numpy()
+    text_states = {"patterns": [p for p in names if p != "plain"], "positions": dict(TEXT_POSITIONS)}
+    for position in TEXT_POSITIONS:
+        states = pattern_token_states(world, position=position)
+        unit = F.normalize(states - states.mean(0, keepdim=True), dim=-1)
+        centred = torch.einsum("pcd,qcd->pqc", unit, unit).mean(-1).numpy()
+        raw_unit = F.normalize(states, dim=-1)
+        raw = torch.einsum("pcd,qcd->pqc", raw_unit, raw_unit).mean(-1).numpy()
+        key = "" if position == "pattern" else f"{position}_"
+        text_states[f"{key}cosine"] = np.round(raw.astype(float), 3).tolist()
+        text_states[f"{key}centred_cosine"] = np.round(centred.astype(float), 3).tolist()
+        text_states["frames"] = states.shape[1]
     return {"patterns": names,
             "clip": {"accuracy": float(np.trace(clip_conf) / n), "confusion": clip_conf.tolist(), "n": n,
                      "chance": 1 / len(names), "colour_accuracy": colour_hits / n, "colour_chance": 1 / len(palette)},
-            "text_states": {"patterns": [p for p in names if p != "plain"],
-                            "centred_cosine": np.round(centred.astype(float), 3).tolist(),
-                            "cosine": np.round(raw.astype(float), 3).tolist(),
-                            "position": 6, "frames": states.shape[1]}}
+            "text_states": text_states}
 
 
 def eval_attribute_words(world, n: int = 240, per_prompt: int = 4, seed: int = 0,
