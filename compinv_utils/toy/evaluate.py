@@ -704,6 +704,22 @@ def pattern_variants(obj: render.SceneObject, background: str | None = None) -> 
 TEXT_POSITIONS = {"pattern": 6, "noun": 7, "eos": 8}  # in "a photo of a {colour} {pattern} {noun}" (BOS at 0)
 
 
+def _pattern_prompt_states(world, colours: Sequence[str], nouns: Sequence[str]) -> tuple[torch.Tensor, list[str]]:
+    """The text encoder's output ``(prompts, tokens, dim)`` for "a photo of a {colour} {pattern} {noun}", prompts
+    ordered pattern-major (``render.PATTERNS`` without "plain"), then colour, then noun; and the named patterns."""
+    tok, te = world.pipe.tokenizer, world.pipe.text_encoder
+    named = [p for p in render.PATTERNS if p != "plain"]
+    prompts = [f"a photo of {render.article(f'{c} {p} {n}')}" for p in named for c in colours for n in nouns]
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids.to(te.device)
+    at = TEXT_POSITIONS["pattern"]
+    words = [tok.convert_ids_to_tokens(int(i)) for i in ids[:, at]]
+    if any(w.replace("</w>", "") not in named for w in words):
+        raise ValueError(f"position {at} of the pattern prompts holds {sorted(set(words))}, not a pattern word")
+    with torch.no_grad():
+        return te(ids)[0].float().cpu(), named
+
+
 def pattern_token_states(world, colours: Sequence[str] = tuple(render.COLOURS)[:6],
                          nouns: Sequence[str] = PATTERN_NOUNS, position: str = "pattern") -> torch.Tensor:
     """The text encoder's output (what the UNet's cross-attention reads) for "a photo of a {colour} {pattern}
@@ -713,17 +729,8 @@ def pattern_token_states(world, colours: Sequence[str] = tuple(render.COLOURS)[:
     pattern word and the pattern word sees nothing after it."""
     if position not in TEXT_POSITIONS:
         raise ValueError(f"position must be one of {sorted(TEXT_POSITIONS)}, got {position!r}")
-    tok, te = world.pipe.tokenizer, world.pipe.text_encoder
-    named = [p for p in render.PATTERNS if p != "plain"]
-    prompts = [f"a photo of {render.article(f'{c} {p} {n}')}" for p in named for c in colours for n in nouns]
-    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids.to(te.device)
-    words = [tok.convert_ids_to_tokens(int(i)) for i in ids[:, TEXT_POSITIONS["pattern"]]]
-    if any(w.replace("</w>", "") not in named for w in words):
-        raise ValueError(f"position 6 of the pattern prompts holds {sorted(set(words))}, not a pattern word")
-    with torch.no_grad():
-        states = te(ids)[0][:, TEXT_POSITIONS[position]].float().cpu()
-    return states.view(len(named), len(colours) * len(nouns), -1)
+    states, named = _pattern_prompt_states(world, colours, nouns)
+    return states[:, TEXT_POSITIONS[position]].view(len(named), len(colours) * len(nouns), -1)
 
 
 def eval_clip_words(world, n: int = 240) -> dict:
@@ -749,9 +756,11 @@ def eval_clip_words(world, n: int = 240) -> dict:
         by_colour = [pattern_variants(replace(obj, colour=c), scene.background)[names.index(obj.pattern)]
                      for c in palette]
         colour_hits += palette[int((feats @ world.text_features(by_colour).T)[0].argmax())] == obj.colour
-    text_states = {"patterns": [p for p in names if p != "plain"], "positions": dict(TEXT_POSITIONS)}
-    for position in TEXT_POSITIONS:
-        states = pattern_token_states(world, position=position)
+    colours, nouns = tuple(render.COLOURS)[:6], PATTERN_NOUNS  # pattern_token_states' frames, encoded once
+    all_states, named = _pattern_prompt_states(world, colours, nouns)
+    text_states = {"patterns": named, "positions": dict(TEXT_POSITIONS), "frames": len(colours) * len(nouns)}
+    for position, at in TEXT_POSITIONS.items():
+        states = all_states[:, at].view(len(named), len(colours) * len(nouns), -1)
         unit = F.normalize(states - states.mean(0, keepdim=True), dim=-1)
         centred = torch.einsum("pcd,qcd->pqc", unit, unit).mean(-1).numpy()
         raw_unit = F.normalize(states, dim=-1)
@@ -759,7 +768,6 @@ def eval_clip_words(world, n: int = 240) -> dict:
         key = "" if position == "pattern" else f"{position}_"
         text_states[f"{key}cosine"] = np.round(raw.astype(float), 3).tolist()
         text_states[f"{key}centred_cosine"] = np.round(centred.astype(float), 3).tolist()
-        text_states["frames"] = states.shape[1]
     return {"patterns": names,
             "clip": {"accuracy": float(np.trace(clip_conf) / n), "confusion": clip_conf.tolist(), "n": n,
                      "chance": 1 / len(names), "colour_accuracy": colour_hits / n, "colour_chance": 1 / len(palette)},

@@ -31,12 +31,18 @@ def make_vae(latent_channels: int = LATENT_CHANNELS) -> AutoencoderKL:
 UNET_WIDTHS = (64, 128)  # channels at the 8x8 and 4x4 levels of the committed UNet
 
 
-def make_unet(latent_channels: int = LATENT_CHANNELS, widths: tuple[int, ...] = UNET_WIDTHS) -> UNet2DConditionModel:
-    """The toy UNet: SD 1.5's block types at two levels (8x8 and 4x4 latents), ``widths`` channels each (multiples
-    of 32, the group-norm groups)."""
+def check_unet_widths(widths) -> tuple[int, int]:
+    """``widths`` as a tuple of two ints, each a positive multiple of 32 (the group-norm groups); ValueError if not."""
     widths = tuple(int(w) for w in widths)
     if len(widths) != 2 or any(w <= 0 or w % 32 for w in widths):
         raise ValueError(f"UNet widths must be two positive multiples of 32 (one per level), got {widths}")
+    return widths
+
+
+def make_unet(latent_channels: int = LATENT_CHANNELS, widths: tuple[int, ...] = UNET_WIDTHS) -> UNet2DConditionModel:
+    """The toy UNet: SD 1.5's block types at two levels (8x8 and 4x4 latents), ``widths`` channels each
+    (:func:`check_unet_widths`)."""
+    widths = check_unet_widths(widths)
     return UNet2DConditionModel(
         sample_size=LATENT_SIZE, in_channels=latent_channels, out_channels=latent_channels,
         block_out_channels=widths, layers_per_block=2,

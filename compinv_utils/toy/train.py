@@ -72,8 +72,8 @@ from tqdm.auto import tqdm
 
 from ..files import atomic_path, torch_load, torch_save, write_text
 from . import render
-from .models import (IMAGE_SIZE, LATENT_CHANNELS, UNET_WIDTHS, ToyDetector, make_clip, make_sample_scheduler,
-                     make_train_scheduler, make_unet, make_vae)
+from .models import (IMAGE_SIZE, LATENT_CHANNELS, UNET_WIDTHS, ToyDetector, check_unet_widths, make_clip,
+                     make_sample_scheduler, make_train_scheduler, make_unet, make_vae)
 from .tokenizer import build_tokenizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation, as in SD's feature extractor
@@ -893,13 +893,10 @@ def main(argv=None):
         cfg = replace(cfg, unet_steps=args.unet_steps)
     if args.unet_widths is not None:
         try:
-            widths = tuple(int(x) for x in args.unet_widths.split(","))
+            cfg = replace(cfg, unet_widths=check_unet_widths(args.unet_widths.split(",")))
         except ValueError:
-            widths = ()
-        if len(widths) != 2 or not all(w > 0 and w % 32 == 0 for w in widths):
             p.error(f"--unet-widths takes two positive multiples of 32 separated by a comma (channels at the 8x8 "
                     f"and 4x4 levels), e.g. 128,128; got {args.unet_widths!r}")
-        cfg = replace(cfg, unet_widths=widths)
     if args.ground_weight is not None:
         cfg = replace(cfg, ground_weight=args.ground_weight)
     if args.ground_pixel_weight is not None:
