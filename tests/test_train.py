@@ -350,3 +350,37 @@ def test_the_clip_stage_renders_its_own_captions_when_its_policy_differs(tmp_pat
                             cache_dir=tmp_path / "cache", init_clip=source / "clip")
     assert train.data_cache_path(tmp_path / "cache", replace(cfg, caption_policy=render.FULL)).is_file()
     assert log["init_clip"] == str(source / "clip") and log["clip_pattern_negatives_per_batch"] == 8
+
+
+def test_a_16x16_latent_grid_reaches_the_vae_unet_masks_and_grounding(tmp_path, capsys):
+    from compinv_utils.toy.models import check_latent_size, make_vae, vae_latent_size
+
+    vae = make_vae(latent_size=16)
+    assert vae_latent_size(vae) == 16 and vae_latent_size(make_vae()) == 8
+    assert vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mode().shape == (1, LATENT_CHANNELS, 16, 16)
+    for bad in (4, 12, 32):
+        with pytest.raises(ValueError, match="latent grid is 8 or 16"):
+            check_latent_size(bad)
+    cfg = replace(train.PROFILES["smoke"], n_scenes=24, vae_steps=2, unet_steps=2, unet_batch=4, latent_size=16,
+                  ground_weight=1.0, ground_pixel_weight=0.1, ground_resolutions=(16, 8))
+    assert train.data_cache_path(tmp_path, cfg) != train.data_cache_path(tmp_path, replace(cfg, latent_size=8))
+    source = tmp_path / "source"  # CLIP and detector of an 8x8 world, then a new 16x16 VAE and UNet on them
+    train.build_world(source, replace(train.PROFILES["smoke"], n_scenes=24), torch.device("cpu"), 1, cache_dir=None)
+    log = train.build_world(tmp_path / "w16", cfg, torch.device("cpu"), 1, stages=("vae", "unet"), source=source,
+                            cache_dir=tmp_path / "cache")
+    assert np.isfinite(log["unet_final_ground_loss"]) and log["unet_steps_done"] == 2
+    with np.load(train.data_cache_path(tmp_path / "cache", cfg), allow_pickle=True) as f:
+        assert f["masks"].shape == (24, 2, 16, 16)
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "w16" / "pipeline", safety_checker=None)
+    assert pipe.unet.config.sample_size == 16 and pipe.unet.config.sample_size * pipe.vae_scale_factor == 32
+    # a UNet stage on a VAE of the other grid, and grounding maps the grid does not have, are refused
+    with pytest.raises(ValueError, match="pass --latent-size 8 --latent-channels 16"):
+        train.build_world(tmp_path / "bad", cfg, torch.device("cpu"), 1, stages=("unet",), source=source)
+    train.main(["--out", str(tmp_path / "x"), "--profile", "smoke", "--latent-size", "16", "--ground-resolutions",
+                "16,8", "--data-only", "--workers", "1", "--cache-dir", str(tmp_path / "c2")])
+    for args, flag in ((["--latent-size", "12"], "--latent-size"), (["--latent-channels", "0"], "--latent-channels"),
+                       (["--latent-size", "16", "--ground-resolutions", "4"], "--ground-resolutions takes 16, 8")):
+        with pytest.raises(SystemExit):
+            train.main(["--out", str(tmp_path / "x"), "--profile", "smoke", *args])
+        assert flag in capsys.readouterr().err

@@ -145,14 +145,20 @@ def test_look_from_words_prompts_each_concepts_look_in_the_caption_grammar(fast,
 
 
 def test_pattern_kept_reads_patterned_objects_before_and_after_denoising(fast, probe_and_accuracy):
-    res = E.eval_pattern_kept(fast, n=3, strengths=(0.5, 1.0), probe=probe_and_accuracy[0])
+    res = E.eval_pattern_kept(fast, n=3, strengths=(0.5, 1.0), probe=probe_and_accuracy[0], other_strengths=(1.0,))
     assert res["n"] == 3 and res["strengths"] == [0.5, 1.0] and res["probe"] == "given"
-    for key in ("rendered", "vae_roundtrip", "strength_0.5", "strength_1"):
+    for key in ("rendered", "vae_roundtrip", "strength_0.5", "strength_1", "strength_1_other_named"):
         row = res[key]
         assert sum(row["read_as"].values()) == 3 and set(row["read_as"]) == set(render.PATTERNS)
         assert row["pattern_kept"] in (0, 1 / 3, 2 / 3, 1)
+    other = res["strength_1_other_named"]  # kept and read as the named pattern cannot both hold for one object
+    assert other["read_as_named"] in (0, 1 / 3, 2 / 3, 1) and other["read_as_named"] + other["pattern_kept"] <= 1
+    assert "read_as_named" not in res["strength_1"]
+    assert [E.other_pattern(p) for p in ("striped", "dotted", "checked")] == ["dotted", "checked", "striped"]
     with pytest.raises(ValueError, match="strengths"):
         E.eval_pattern_kept(fast, n=3, strengths=(0.0,), probe=probe_and_accuracy[0])
+    with pytest.raises(ValueError, match="strengths"):
+        E.eval_pattern_kept(fast, n=3, other_strengths=(1.5,), probe=probe_and_accuracy[0])
     with pytest.raises(ValueError, match="n must be"):
         E.eval_pattern_kept(fast, n=0, probe=probe_and_accuracy[0])
 

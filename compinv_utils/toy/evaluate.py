@@ -314,7 +314,7 @@ def eval_attention_on_renderings(world, n_pairs: int = 32, timesteps: Sequence[i
     """Word-specific cross-attention measured without generating: does a noun attend to its own object in a
     *rendered* scene? For ``n_pairs`` noun pairs that training shows together, a rendered two-object scene
     is encoded, noised to each of ``timesteps`` and passed once through the UNet with "a A and a B"; per noun,
-    its conditional cross-attention at the 8x8 layers (averaged over heads, layers and timesteps) gives the
+    its conditional cross-attention at the layers of the latent grid (8x8 in the committed world; averaged over heads, layers and timesteps) gives the
     share inside its own object's rendered mask and inside the partner's, and the DAAM-style IoU with its own
     mask. Unlike :func:`eval_attention_localisation` it needs no detected object, so it also measures a UNet
     that cannot yet draw the pair (the grounding ablation)."""
@@ -325,7 +325,8 @@ def eval_attention_on_renderings(world, n_pairs: int = 32, timesteps: Sequence[i
     pairs = training_pairs(world, n_pairs, seed)
     scenes = [render.sample_scene(EVAL_SEED + seed * 1_000 + k, nouns=list(p)) for k, p in enumerate(pairs)]
     images = [render.draw_scene(sc)[0] for sc in scenes]
-    masks = torch.tensor(np.stack([render.object_masks(sc, 8) for sc in scenes]))  # (N, 2, 8, 8), scene order
+    size = int(pipe.unet.config.sample_size)  # the latent grid, the finest cross-attention maps
+    masks = torch.tensor(np.stack([render.object_masks(sc, size) for sc in scenes]))  # (N, 2, S, S), scene order
     prompts = [pair_prompt(a, b) for a, b in pairs]
     dev, dtype = world.device, world.dtype
     with torch.no_grad():
@@ -333,14 +334,14 @@ def eval_attention_on_renderings(world, n_pairs: int = 32, timesteps: Sequence[i
         latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
         cond, _ = pipe.encode_prompt(prompts, dev, 1, False)
         gen = torch.Generator("cpu").manual_seed(seed)
-        store = AttentionStore(keep_similarity=False, resolutions=(8,))
+        store = AttentionStore(keep_similarity=False, resolutions=(size,))
         acc = None
         with attention_store(pipe.unet, store):
             for t in timesteps:
                 noise = torch.randn(latents.shape, generator=gen).to(dev, dtype)
                 tt = torch.full((len(prompts),), int(t), device=dev, dtype=torch.long)
                 pipe.unet(pipe.scheduler.add_noise(latents, noise, tt), tt, encoder_hidden_states=cond)
-                step_maps = torch.stack([m.float() for m in store.maps[store.step].values()]).mean(0)  # (N, 64, T)
+                step_maps = torch.stack([m.float() for m in store.maps[store.step].values()]).mean(0)  # (N, S*S, T)
                 acc = step_maps if acc is None else acc + step_maps
     acc = (acc / len(timesteps)).cpu()
     own, partner, iou, uniform = [], [], [], []
@@ -348,7 +349,7 @@ def eval_attention_on_renderings(world, n_pairs: int = 32, timesteps: Sequence[i
         order = [o.noun for o in sc.objects]
         pos = word_positions(pipe.tokenizer, prompts[k], [a, b])
         for i, noun in enumerate((a, b)):
-            m = acc[k, :, pos[i]].mean(-1).reshape(8, 8)
+            m = acc[k, :, pos[i]].mean(-1).reshape(size, size)
             mine, other = masks[k, order.index(noun)].float(), masks[k, order.index((a, b)[1 - i])].float()
             own.append(box_share(m, mine))
             partner.append(box_share(m, other))
@@ -636,20 +637,34 @@ def eval_look_from_words(world, samples: int = 8, seed: int = 0, probe: Attribut
             "probe": probe_info, "summary": summary | {"concepts": len(per)}}
 
 
+def other_pattern(pattern: str) -> str:
+    """The next pattern of ``render.PATTERNS`` after ``pattern``, plain skipped (striped -> dotted -> checked ->
+    striped): the wrong pattern word :func:`eval_pattern_kept` names."""
+    cycle = [p for p in render.PATTERNS if p != "plain"]
+    return cycle[(cycle.index(pattern) + 1) % len(cycle)]
+
+
 def eval_pattern_kept(world, n: int = 24, strengths: Sequence[float] = (0.2, 0.4, 0.6), seed: int = 0,
-                      probe: AttributeProbe | None = None, probe_scenes: int = 2400) -> dict:
+                      probe: AttributeProbe | None = None, probe_scenes: int = 2400,
+                      other_strengths: Sequence[float] = (0.6, 0.8)) -> dict:
     """Does the UNet keep a pattern it is handed? ``n`` rendered single objects with a pattern are encoded,
     noised to each of ``strengths`` (the img2img strength: the share of the schedule run again) and denoised
     with the world's sampler and a caption that names colour and pattern ("a photo of a purple striped cat");
     the attribute probe then reads the pattern on the object's true box. ``rendered`` and ``vae_roundtrip``
     are the same reading on the renderings and on their VAE round trips (what the decoder keeps). A world
     whose denoiser erases a pattern even from light noise cannot draw one from words, nor through an
-    inverted token: this part separates the UNet from the VAE and the probe."""
+    inverted token: this part separates the UNet from the VAE and the probe.
+
+    ``other_strengths``: the same, with the caption naming another pattern (:func:`other_pattern`:
+    "a photo of a purple dotted cat" for a striped one); ``read_as_named`` is the share of objects then read as
+    the pattern the words name. A UNet that reads pattern words moves objects towards the named pattern as the
+    strength grows; one that ignores them keeps the rendered pattern, or loses it, whatever the words say."""
     from diffusers import StableDiffusionImg2ImgPipeline
 
     strengths = [float(x) for x in strengths]
-    if not strengths or not all(0 < x <= 1 for x in strengths):
-        raise ValueError(f"strengths must be in (0, 1], got {strengths}")
+    other_strengths = [float(x) for x in other_strengths]
+    if not strengths or not all(0 < x <= 1 for x in strengths + other_strengths):
+        raise ValueError(f"strengths must be in (0, 1], got {strengths} and other_strengths {other_strengths}")
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     probe, probe_info = _probe_or_shared(world, probe, probe_scenes, seed)
@@ -664,22 +679,27 @@ def eval_pattern_kept(world, n: int = 24, strengths: Sequence[float] = (0.2, 0.4
     boxes = [objs[0][1] for _, objs in drawn]
     truth = np.array([s.objects[0].pattern for s in scenes])
     prompts = [f"a photo of {render.article(f'{o.colour} {o.pattern} {o.noun}')}" for o in (s.objects[0] for s in scenes)]
+    named = np.array([other_pattern(p) for p in truth])
+    other_prompts = [f"a photo of {render.article(f'{o.colour} {q} {o.noun}')}"
+                     for o, q in zip((s.objects[0] for s in scenes), named)]
 
-    def reading(ims) -> dict:
+    def reading(ims, other: bool = False) -> dict:
         _, patterns = probe.read([crop(im, b) for im, b in zip(ims, boxes)])
         patterns = np.array(patterns)
-        return {"pattern_kept": float((patterns == truth).mean()),
-                "read_as": {p: int((patterns == p).sum()) for p in render.PATTERNS}}
+        res = {"pattern_kept": float((patterns == truth).mean()),
+               "read_as": {p: int((patterns == p).sum()) for p in render.PATTERNS}}
+        return res | ({"read_as_named": float((patterns == named).mean())} if other else {})
 
     img2img = StableDiffusionImg2ImgPipeline(**world.pipe.components)
     img2img.set_progress_bar_config(disable=True)
     res = {"rendered": reading(images), "vae_roundtrip": reading(vae_roundtrip(world, images))}
-    for x in strengths:
+    for x, other in [(x, False) for x in strengths] + [(x, True) for x in other_strengths]:
         gen = torch.Generator(world.device).manual_seed(seed)
-        out = img2img(prompts, image=images, strength=x, num_inference_steps=world.num_inference_steps,
-                      guidance_scale=world.guidance_scale, generator=gen).images
-        res[f"strength_{x:g}"] = reading(out)
-    return res | {"n": n, "strengths": strengths, "steps": world.num_inference_steps,
+        out = img2img(other_prompts if other else prompts, image=images, strength=x,
+                      num_inference_steps=world.num_inference_steps, guidance_scale=world.guidance_scale,
+                      generator=gen).images
+        res[f"strength_{x:g}" + ("_other_named" if other else "")] = reading(out, other)
+    return res | {"n": n, "strengths": strengths, "other_strengths": other_strengths, "steps": world.num_inference_steps,
                   "guidance_scale": world.guidance_scale, "probe": probe_info,
                   "prompts": "a photo of a {colour} {pattern} {noun}; truth: the renderer's pattern"}
 

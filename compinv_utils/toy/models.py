@@ -9,7 +9,8 @@ from torch import nn
 from transformers import CLIPConfig, CLIPModel
 
 IMAGE_SIZE = 32  # pixels
-LATENT_SIZE = 8  # the VAE downsamples by 4 (three blocks)
+LATENT_SIZE = 8  # the committed VAE downsamples by 4 (three blocks)
+LATENT_SIZES = (8, 16)  # latent grids a toy VAE can have: 4x4-pixel cells (committed) or 2x2-pixel cells (two blocks)
 LATENT_CHANNELS = 16  # SD 1.5 has 4 (SD 3 has 16); two colours, a pattern's phase and an outline per 4x4-pixel
 # cell need more than 4 or 8 (see train.py)
 TEXT_DIM = 128  # width of the text tower = the UNet's cross-attention dimension
@@ -20,15 +21,31 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0
                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
 
 
-def make_vae(latent_channels: int = LATENT_CHANNELS) -> AutoencoderKL:
+def check_latent_size(size) -> int:
+    """``size`` as an int if it is one of :data:`LATENT_SIZES`; ValueError if not."""
+    if size not in LATENT_SIZES:
+        raise ValueError(f"the toy latent grid is {' or '.join(map(str, LATENT_SIZES))} cells a side "
+                         f"({IMAGE_SIZE}-pixel images), got {size!r}")
+    return int(size)
+
+
+def make_vae(latent_channels: int = LATENT_CHANNELS, latent_size: int = LATENT_SIZE) -> AutoencoderKL:
+    """The toy VAE: SD 1.5's AutoencoderKL with three blocks (``latent_size`` 8: 4x4-pixel cells) or two
+    (``latent_size`` 16: 2x2-pixel cells, a pattern spanning several cells)."""
+    blocks = (32, 64, 64) if check_latent_size(latent_size) == 8 else (64, 64)
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=latent_channels, sample_size=IMAGE_SIZE,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * len(blocks), up_block_types=("UpDecoderBlock2D",) * len(blocks),
+        block_out_channels=blocks, layers_per_block=1, norm_num_groups=32,
     )
 
 
-UNET_WIDTHS = (64, 128)  # channels at the 8x8 and 4x4 levels of the committed UNet
+def vae_latent_size(vae) -> int:
+    """The side of ``vae``'s latent grid for a toy image (each block but the last halves it)."""
+    return IMAGE_SIZE // 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+UNET_WIDTHS = (64, 128)  # channels at the two levels of the committed UNet (8x8 and 4x4)
 
 
 def check_unet_widths(widths) -> tuple[int, int]:
@@ -39,12 +56,13 @@ def check_unet_widths(widths) -> tuple[int, int]:
     return widths
 
 
-def make_unet(latent_channels: int = LATENT_CHANNELS, widths: tuple[int, ...] = UNET_WIDTHS) -> UNet2DConditionModel:
-    """The toy UNet: SD 1.5's block types at two levels (8x8 and 4x4 latents), ``widths`` channels each
-    (:func:`check_unet_widths`)."""
+def make_unet(latent_channels: int = LATENT_CHANNELS, widths: tuple[int, ...] = UNET_WIDTHS,
+              latent_size: int = LATENT_SIZE) -> UNet2DConditionModel:
+    """The toy UNet: SD 1.5's block types at two levels (the latent grid and half of it: 8x8 and 4x4, or 16x16
+    and 8x8), ``widths`` channels each (:func:`check_unet_widths`)."""
     widths = check_unet_widths(widths)
     return UNet2DConditionModel(
-        sample_size=LATENT_SIZE, in_channels=latent_channels, out_channels=latent_channels,
+        sample_size=check_latent_size(latent_size), in_channels=latent_channels, out_channels=latent_channels,
         block_out_channels=widths, layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),

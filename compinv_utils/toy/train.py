@@ -32,7 +32,9 @@ The VAE has 16 latent channels (SD 1.5: 4; SD 3: 16) and a reconstruction loss t
 and adds an L1 term on image gradients (:func:`vae_loss`): with 4 or 8 channels and a plain squared error, a
 two-colour pattern on a 4x4-pixel latent cell came back as its mean colour, so no inversion could carry a
 concept's look through the decoder. The renderer draws patterns with a period of about 6 pixels, above the
-latent cell, for the same reason.
+latent cell, for the same reason. ``--latent-size 16`` gives the VAE two blocks instead of three, so the latent
+grid has 16x16 cells of 2x2 pixels and a pattern spans about three cells; the UNet, the object masks and the
+grounding maps follow the grid (``--latent-channels`` sets the VAE's channels; SD 1.5 has 4).
 
 Profiles (the times are estimates from measured per-step costs, not measurements of the runs; the
 training log records the real ones):
@@ -72,8 +74,9 @@ from tqdm.auto import tqdm
 
 from ..files import atomic_path, torch_load, torch_save, write_text
 from . import render
-from .models import (IMAGE_SIZE, LATENT_CHANNELS, UNET_WIDTHS, ToyDetector, check_unet_widths, make_clip,
-                     make_sample_scheduler, make_train_scheduler, make_unet, make_vae)
+from .models import (IMAGE_SIZE, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZES, UNET_WIDTHS, ToyDetector,
+                     check_latent_size, check_unet_widths, make_clip, make_sample_scheduler, make_train_scheduler,
+                     make_unet, make_vae, vae_latent_size)
 from .tokenizer import build_tokenizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation, as in SD's feature extractor
@@ -81,7 +84,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 CAPTIONS_PER_SCENE = 4  # captions drawn once per scene and stored tokenised (a step picks one of them)
-MASK_SIZE = 8  # object masks at the latent resolution
+MASK_SIZE = LATENT_SIZE  # object masks at the latent resolution (TrainConfig.latent_size)
 DATA_VERSION = 2  # bump when the rendered arrays change, so that old caches are not reused
 
 
@@ -120,7 +123,10 @@ class TrainConfig:
     ground_resolutions: tuple[int, ...] = (8,)  # cross-attention map sizes the grounding loss reads (8 and/or 4)
     unet_object_weight: float = 0.0  # extra weight of object cells in the UNet's noise loss (0: plain MSE)
     latent_channels: int = LATENT_CHANNELS  # the VAE's latent channels (the first edition had SD 1.5's 4)
-    unet_widths: tuple[int, ...] = UNET_WIDTHS  # the UNet's channels at its 8x8 and 4x4 levels (models.make_unet)
+    # the latent grid (models.LATENT_SIZES): 8x8 cells of 4x4 pixels (committed) or 16x16 of 2x2, where a pattern
+    # with a period of ~6 pixels spans three cells instead of one and a half; object masks are stored at this size
+    latent_size: int = LATENT_SIZE
+    unet_widths: tuple[int, ...] = UNET_WIDTHS  # the UNet's channels at its two levels (models.make_unet)
     vae_object_weight: float = 4.0  # extra weight of object pixels in the VAE's reconstruction loss (0: uniform)
     vae_edge_weight: float = 0.5  # weight of the L1 loss on image gradients (keeps stripes, dots and checks)
     # how often the training captions name each attribute (render.CaptionPolicy: colour, pattern, background,
@@ -172,29 +178,32 @@ def training_scene(seed: int, held_out: bool = False) -> render.Scene:
 
 
 def _render_one(seed: int, captions: int = 0, caption_seed: int = 0,
-                policy: render.CaptionPolicy = render.CaptionPolicy(), held_out: bool = False):
+                policy: render.CaptionPolicy = render.CaptionPolicy(), held_out: bool = False,
+                mask_size: int = MASK_SIZE):
     scene = training_scene(seed, held_out)
     img, boxes = render.draw_scene(scene)
-    masks = render.object_masks(scene, MASK_SIZE)
+    masks = render.object_masks(scene, mask_size)
     rng = np.random.default_rng([caption_seed, seed])
     return scene, np.asarray(img), boxes, masks, [render.caption(scene, rng, policy) for _ in range(captions)]
 
 
 def render_dataset(n: int, workers: int, captions: int = CAPTIONS_PER_SCENE, seed: int = 0,
-                   policy: render.CaptionPolicy = render.CaptionPolicy(), held_out: bool = False) -> dict:
+                   policy: render.CaptionPolicy = render.CaptionPolicy(), held_out: bool = False,
+                   mask_size: int = MASK_SIZE) -> dict:
     """Render scenes 0..n-1: ``images`` (n, 32, 32, 3) uint8, ``labels`` (n, 2) noun index or -1,
-    ``boxes`` (n, 2, 4) in [0, 1], ``masks`` (n, 2, 8, 8) bool (each object's visible cells at the latent
-    resolution; the cell it covers most is always set), ``captions`` (n, K) with K = ``captions`` drawn by
+    ``boxes`` (n, 2, 4) in [0, 1], ``masks`` (n, 2, S, S) bool with S = ``mask_size`` (each object's visible
+    cells on the latent grid; the cell it covers most is always set), ``captions`` (n, K) with K = ``captions`` drawn by
     :func:`render.caption` (with ``policy``) from a generator seeded by ``(seed, scene)``, and the ``scenes``
     themselves. With ``held_out`` the scenes come from ``training_scene(seed, held_out=True)``."""
     nouns = sorted(render.NOUNS)
     images = np.zeros((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     labels = -np.ones((n, 2), np.int64)
     boxes = np.zeros((n, 2, 4), np.float32)
-    masks = np.zeros((n, 2, MASK_SIZE, MASK_SIZE), bool)
+    masks = np.zeros((n, 2, mask_size, mask_size), bool)
     caps = np.empty((n, captions), object)
     scenes = []
-    job = partial(_render_one, captions=captions, caption_seed=seed, policy=policy, held_out=held_out)
+    job = partial(_render_one, captions=captions, caption_seed=seed, policy=policy, held_out=held_out,
+                  mask_size=mask_size)
     with mp.get_context("fork").Pool(workers) as pool:
         it = pool.imap(job, range(n), chunksize=256)
         for i, (scene, img, bx, cover, cs) in enumerate(tqdm(it, total=n, desc="render scenes")):
@@ -233,10 +242,12 @@ DATA_KEYS = ("images", "labels", "boxes", "masks", "ids", "noun_object")
 
 def data_cache_path(cache_dir: Path, cfg: "TrainConfig", held_out: bool = False) -> Path:
     """The cache file of the rendered arrays for this configuration (scenes, captions per scene, seed and,
-    when they are not the defaults, the caption policy and ``held_out``)."""
+    when they are not the defaults, the caption policy, ``held_out`` and the latent grid of the masks)."""
     parts = [DATA_VERSION, cfg.n_scenes, cfg.captions_per_scene, cfg.seed]
     if cfg.caption_policy != render.CaptionPolicy():
         parts.append(asdict(cfg.caption_policy))
+    if cfg.latent_size != LATENT_SIZE:
+        parts.append({"mask_size": cfg.latent_size})
     if held_out:
         parts.append("held_out")
     key = hashlib.sha1(json.dumps(parts).encode()).hexdigest()
@@ -253,7 +264,8 @@ def load_or_render(cfg: "TrainConfig", tokenizer, workers: int, cache_dir: Path 
     if path and path.is_file():
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in DATA_KEYS}
-    data = render_dataset(cfg.n_scenes, workers, cfg.captions_per_scene, cfg.seed, cfg.caption_policy, held_out)
+    data = render_dataset(cfg.n_scenes, workers, cfg.captions_per_scene, cfg.seed, cfg.caption_policy, held_out,
+                          cfg.latent_size)
     data["ids"], data["noun_object"] = tokenise_captions(data["captions"], data["labels"], tokenizer)
     data = {k: data[k] for k in DATA_KEYS}
     if path:
@@ -346,7 +358,7 @@ def vae_loss(rec: torch.Tensor, x: torch.Tensor, objects: torch.Tensor | None = 
 
 
 def object_pixels(masks: np.ndarray, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """``(B, 2, 8, 8)`` object masks -> ``(B, size, size)`` float: 1 where any object covers the cell."""
+    """``(B, 2, S, S)`` object masks -> ``(B, size, size)`` float: 1 where any object covers the cell."""
     m = torch.from_numpy(np.ascontiguousarray(masks)).any(1).float()
     return F.interpolate(m[:, None], size=(size, size), mode="nearest")[:, 0]
 
@@ -354,7 +366,7 @@ def object_pixels(masks: np.ndarray, size: int = IMAGE_SIZE) -> torch.Tensor:
 def train_vae(data, cfg: TrainConfig, device, log):
     torch.manual_seed(cfg.seed + 1)
     gen = np.random.default_rng(cfg.seed + 1)
-    vae = make_vae(cfg.latent_channels).to(device).train()
+    vae = make_vae(cfg.latent_channels, cfg.latent_size).to(device).train()
     opt, sched = _optimiser(vae.parameters(), 1e-3, cfg.vae_steps, min(200, cfg.vae_steps // 10 + 1))
     bar = tqdm(range(cfg.vae_steps), desc="VAE")
     for step in bar:
@@ -500,9 +512,9 @@ def grounding_loss(maps: dict, shapes: dict, masks: torch.Tensor, noun_object: t
     """TokenCompose's grounding terms (Wang et al., CVPR 2024) on noun tokens' cross-attention.
 
     ``maps``: layer -> ``(B, HW, T)`` attention probabilities (averaged over heads); ``shapes``: layer ->
-    ``(h, w)``; ``masks``: ``(B, 2, 8, 8)`` object masks; ``noun_object``: ``(B, T)`` the object each noun
+    ``(h, w)``; ``masks``: ``(B, 2, S, S)`` object masks on the latent grid; ``noun_object``: ``(B, T)`` the object each noun
     token names, -1 for every other token (attribute words never count). Layers whose map height is not in
-    ``resolutions`` are skipped; at 4x4 a mask is the fraction of each cell it covers.
+    ``resolutions`` are skipped; on a coarser map a mask is the fraction of each cell it covers.
 
     Returns ``(token, pixel)``: the token loss ``1 - (attention inside the mask) / (all attention)`` and the
     BCE between the token's map divided by its maximum and the mask, each averaged over noun tokens and layers.
@@ -568,7 +580,11 @@ def train_unet(data, tokenizer, text_encoder, cfg: TrainConfig, device, log, ckp
     torch.manual_seed(cfg.seed + 3)
     gen = torch.Generator(device).manual_seed(cfg.seed + 3)
     unet = (UNet2DConditionModel.from_pretrained(init, dtype=torch.float32) if init
-            else make_unet(cfg.latent_channels, cfg.unet_widths)).to(device).train()
+            else make_unet(cfg.latent_channels, cfg.unet_widths, cfg.latent_size)).to(device).train()
+    if unet.config.sample_size != cfg.latent_size or data["latents"].shape[-1] != cfg.latent_size:
+        raise ValueError(f"the UNet ({unet.config.sample_size}x{unet.config.sample_size}) and the latents "
+                         f"({data['latents'].shape[-1]}x{data['latents'].shape[-1]}) must both be on the configured "
+                         f"{cfg.latent_size}x{cfg.latent_size} grid: pass the --latent-size of the VAE and of --init-unet")
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     noise_sched = make_train_scheduler()
     n_t = noise_sched.config.num_train_timesteps
@@ -593,7 +609,7 @@ def train_unet(data, tokenizer, text_encoder, cfg: TrainConfig, device, log, ckp
     lats = data["latents"].to(device)
     ids_all = torch.from_numpy(np.ascontiguousarray(data["ids"])).to(device)  # (n, K, 77) int32
     nouns_all = torch.from_numpy(np.ascontiguousarray(data["noun_object"])).to(device)  # (n, K, 77) int8
-    masks = torch.from_numpy(np.ascontiguousarray(data["masks"])).to(device)  # (n, 2, 8, 8) bool
+    masks = torch.from_numpy(np.ascontiguousarray(data["masks"])).to(device)  # (n, 2, S, S) bool
     empty = CaptionTokenizer(tokenizer)([""], device)[0]  # (77,) the ids of the empty caption
     n, k_caps = ids_all.shape[:2]
     B = cfg.unet_batch
@@ -785,6 +801,11 @@ def build_world(out: Path, cfg: TrainConfig, device: torch.device, workers: int,
         _half_copy(vae).save_pretrained(out / "vae_stage")
     else:
         vae = load_part(AutoencoderKL, "vae_stage", "pipeline/vae")
+        size, channels = vae_latent_size(vae), vae.config.latent_channels
+        if (size, channels) != (cfg.latent_size, cfg.latent_channels):
+            raise ValueError(f"the VAE loaded from {src} has a {size}x{size} latent grid of {channels} channels, the "
+                             f"configuration {cfg.latent_size}x{cfg.latent_size} of {cfg.latent_channels}: pass "
+                             f"--latent-size {size} --latent-channels {channels}, or train the VAE too (--stages vae,...)")
     clip_own_data = "clip" in stages and cfg.clip_caption_policy not in (None, cfg.caption_policy)
     if data is not None:
         encode_dataset(vae, data, device, recon=("clip" in stages and not clip_own_data) or detector_on_data)
@@ -850,7 +871,12 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes that render the data set")
     p.add_argument("--unet-steps", type=int, default=None, help="override the profile's UNet steps")
     p.add_argument("--unet-widths", default=None, metavar="64,128",
-                   help="the UNet's channels at its 8x8 and 4x4 levels, multiples of 32 (default 64,128)")
+                   help="the UNet's channels at its two levels, multiples of 32 (default 64,128)")
+    p.add_argument("--latent-size", type=int, default=None, choices=LATENT_SIZES,
+                   help="the latent grid: 8 (the committed VAE, 4x4-pixel cells) or 16 (2x2-pixel cells); the VAE, "
+                        "the UNet and the object masks follow it, and a loaded VAE must have it")
+    p.add_argument("--latent-channels", type=int, default=None,
+                   help=f"the VAE's latent channels (default {LATENT_CHANNELS}; SD 1.5 has 4); a loaded VAE must have them")
     p.add_argument("--data-only", action="store_true",
                    help="render and cache the data set of this configuration (in --cache-dir), then stop")
     p.add_argument("--stages", default=",".join(STAGES), help="stages to train; the others are loaded from --out")
@@ -875,13 +901,16 @@ def main(argv=None):
     p.add_argument("--ground-pixel-weight", type=float, default=None, help="override the pixel grounding loss weight")
     p.add_argument("--unet-object-weight", type=float, default=None,
                    help="extra weight of object cells in the UNet's noise loss (see noise_loss)")
+    p.add_argument("--vae-steps", type=int, default=None, help="override the profile's VAE steps")
+    p.add_argument("--vae-batch", type=int, default=None, help="override the profile's VAE batch size")
     p.add_argument("--det-steps", type=int, default=None, help="override the profile's detector steps")
     p.add_argument("--det-batch", type=int, default=None, help="override the profile's detector batch size")
     p.add_argument("--unet-minutes", type=float, default=None,
                    help="wall-clock budget of the UNet stage: its schedule follows time or steps, whichever is "
                         "further along, and it stops when time is up (the log records the step)")
     p.add_argument("--ground-resolutions", default=None, metavar="8,4",
-                   help="cross-attention map sizes the grounding loss reads: 8, 4 or 8,4 (default 8)")
+                   help="cross-attention map sizes the grounding loss reads: the latent grid, half of it or both "
+                        "(8, 4 or 8,4 on the 8x8 grid; default: the latent grid)")
     p.add_argument("--caption-policy", default=None, metavar="C,P,B,C2",
                    help="how often training captions name the colour, a pattern, the background and the second "
                         "colour: four probabilities (default 0.5,0.5,0.5,0.5, render.CaptionPolicy)")
@@ -895,8 +924,15 @@ def main(argv=None):
         try:
             cfg = replace(cfg, unet_widths=check_unet_widths(args.unet_widths.split(",")))
         except ValueError:
-            p.error(f"--unet-widths takes two positive multiples of 32 separated by a comma (channels at the 8x8 "
-                    f"and 4x4 levels), e.g. 128,128; got {args.unet_widths!r}")
+            p.error(f"--unet-widths takes two positive multiples of 32 separated by a comma (channels at the UNet's "
+                    f"two levels), e.g. 128,128; got {args.unet_widths!r}")
+    if args.latent_channels is not None:
+        if args.latent_channels < 1:
+            p.error(f"--latent-channels must be at least 1, got {args.latent_channels}")
+        cfg = replace(cfg, latent_channels=args.latent_channels)
+    if args.latent_size is not None:
+        # the grounding loss reads the finest maps, which are the latent grid
+        cfg = replace(cfg, latent_size=check_latent_size(args.latent_size), ground_resolutions=(args.latent_size,))
     if args.ground_weight is not None:
         cfg = replace(cfg, ground_weight=args.ground_weight)
     if args.ground_pixel_weight is not None:
@@ -914,7 +950,7 @@ def main(argv=None):
             p.error("--clip-pattern-negatives needs --clip-full-captions (a caption without a pattern word must mean "
                     "a plain object)")
         cfg = replace(cfg, clip_pattern_negatives=True)
-    for name in ("det_steps", "det_batch", "clip_steps", "clip_batch"):
+    for name in ("det_steps", "det_batch", "clip_steps", "clip_batch", "vae_steps", "vae_batch"):
         value = getattr(args, name)
         if value is not None:
             if value < 1:
@@ -925,11 +961,12 @@ def main(argv=None):
             p.error(f"--unet-minutes must be positive, got {args.unet_minutes}")
         cfg = replace(cfg, unet_time_budget_s=60 * args.unet_minutes)
     if args.ground_resolutions is not None:
-        res = tuple(sorted({x.strip() for x in args.ground_resolutions.split(",")}, reverse=True))
-        if not res or not set(res) <= {"8", "4"}:
-            p.error(f"--ground-resolutions takes 8, 4 or 8,4 (the toy UNet's cross-attention map sizes), "
-                    f"got {args.ground_resolutions!r}")
-        cfg = replace(cfg, ground_resolutions=tuple(int(x) for x in res))
+        sizes = (cfg.latent_size, cfg.latent_size // 2)
+        words = {x.strip() for x in args.ground_resolutions.split(",")}
+        if not words or not words <= {str(x) for x in sizes}:
+            p.error(f"--ground-resolutions takes {sizes[0]}, {sizes[1]} or {sizes[0]},{sizes[1]} (the toy UNet's "
+                    f"cross-attention map sizes on the {sizes[0]}x{sizes[0]} latent grid), got {args.ground_resolutions!r}")
+        cfg = replace(cfg, ground_resolutions=tuple(sorted((int(x) for x in words), reverse=True)))
     if args.caption_policy is not None:
         try:
             probs = [float(x) for x in args.caption_policy.split(",")]
