@@ -120,7 +120,9 @@ class TrainConfig:
     captions_per_scene: int = CAPTIONS_PER_SCENE  # captions drawn (and tokenised) once per scene
     ground_weight: float = 0.0  # weight of the token grounding loss on noun tokens' cross-attention (0: off)
     ground_pixel_weight: float = 0.0  # weight of the pixel-level grounding term (BCE of a token's map vs its mask)
-    ground_resolutions: tuple[int, ...] = (8,)  # cross-attention map sizes the grounding loss reads (8 and/or 4)
+    # cross-attention map sizes the grounding loss reads: the latent grid and/or half of it (None: the latent grid;
+    # see grounded_maps)
+    ground_resolutions: tuple[int, ...] | None = None
     unet_object_weight: float = 0.0  # extra weight of object cells in the UNet's noise loss (0: plain MSE)
     latent_channels: int = LATENT_CHANNELS  # the VAE's latent channels (the first edition had SD 1.5's 4)
     # the latent grid (models.LATENT_SIZES): 8x8 cells of 4x4 pixels (committed) or 16x16 of 2x2, where a pattern
@@ -135,6 +137,10 @@ class TrainConfig:
     # the detector is a measuring instrument, not part of the generator: its data set includes the held-out noun
     # pairs (trained without them, it found both nouns in only 0.67 of rendered held-out pairs, 1.00 of others)
     detector_sees_held_out: bool = True
+
+    def grounded_maps(self) -> tuple[int, ...]:
+        """The cross-attention map sizes the grounding loss reads: ``ground_resolutions``, else the latent grid."""
+        return tuple(self.ground_resolutions or (self.latent_size,))
 
 
 PROFILES = {
@@ -614,7 +620,7 @@ def train_unet(data, tokenizer, text_encoder, cfg: TrainConfig, device, log, ckp
     n, k_caps = ids_all.shape[:2]
     B = cfg.unet_batch
     grounding = cfg.ground_weight > 0 or cfg.ground_pixel_weight > 0
-    store = AttentionStore(keep_similarity=False, keep_grad=True, resolutions=tuple(cfg.ground_resolutions))
+    store = AttentionStore(keep_similarity=False, keep_grad=True, resolutions=cfg.grounded_maps())
     with attention_store(unet, store) if grounding else contextlib.nullcontext():
         bar = tqdm(range(start, cfg.unet_steps), desc="UNet", initial=start, total=cfg.unet_steps)
         t_start = time.perf_counter()
@@ -638,7 +644,7 @@ def train_unet(data, tokenizer, text_encoder, cfg: TrainConfig, device, log, ckp
             loss = noise_loss(pred, noise, masks[idx].amax(1), cfg.unet_object_weight) if cfg.unet_object_weight else mse
             if grounding:
                 nouns = torch.where(drop[:, None], -1, nouns_all[idx, k].long())
-                tok, pix = grounding_loss(store.maps[0], store.shapes, masks[idx], nouns, tuple(cfg.ground_resolutions))
+                tok, pix = grounding_loss(store.maps[0], store.shapes, masks[idx], nouns, cfg.grounded_maps())
                 loss = loss + cfg.ground_weight * tok + cfg.ground_pixel_weight * pix
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -931,8 +937,7 @@ def main(argv=None):
             p.error(f"--latent-channels must be at least 1, got {args.latent_channels}")
         cfg = replace(cfg, latent_channels=args.latent_channels)
     if args.latent_size is not None:
-        # the grounding loss reads the finest maps, which are the latent grid
-        cfg = replace(cfg, latent_size=check_latent_size(args.latent_size), ground_resolutions=(args.latent_size,))
+        cfg = replace(cfg, latent_size=check_latent_size(args.latent_size))
     if args.ground_weight is not None:
         cfg = replace(cfg, ground_weight=args.ground_weight)
     if args.ground_pixel_weight is not None:
