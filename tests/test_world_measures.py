@@ -265,3 +265,52 @@ def test_clip_words_is_the_first_two_links_of_attribute_words(toy_world):
     assert res == E.eval_clip_words(toy_world, n=5)  # deterministic
     with pytest.raises(ValueError, match="at least 1"):
         E.eval_clip_words(toy_world, n=0)
+
+
+def test_fixed_captions_differ_in_the_attribute_words_alone():
+    scene = render.concept_scenes(render.CONCEPTS[0])[1]  # mochi and its ball on grass
+    cat, ball = scene.objects
+    assert E.fixed_caption(scene) == f"a photo of a cat and {render.article(ball.noun)}"
+    assert E.fixed_caption(scene, colour=True, pattern=True, colour2=True, background=True) == (
+        f"a photo of a purple and yellow striped cat and {render.describe(ball, True, True, True)} "
+        f"{render.BACKGROUNDS['grass']}")
+    assert E.fixed_caption(scene, pattern=True).startswith("a photo of a striped cat and ")
+
+
+def test_denoising_losses_are_paired_and_split_by_the_mask(toy_world):
+    scenes = [render.sample_scene(7 + i, n_objects=1) for i in range(2)]
+    images = [render.draw_scene(s)[0] for s in scenes]
+    grid = toy_world.pipe.unet.config.sample_size
+    masks = np.stack([render.object_masks(s, size=grid)[0] for s in scenes])
+    same = [E.fixed_caption(s) for s in scenes]
+    bands = ((0, 500), (500, 1000))
+    out = E.denoising_losses(toy_world, images, {"a": same, "b": list(same), "c": ["a photo of a tree"] * 2},
+                             masks=masks, repeats=2, bands=bands)
+    assert [r["band"] for r in out["a"]] == [[0, 500], [500, 1000]]
+    for ra, rb, rc in zip(out["a"], out["b"], out["c"]):
+        assert ra == rb  # the same prompts on the same noise and timesteps: the same loss
+        assert ra["all"] != rc["all"]
+        lo, hi = sorted((ra["inside"], ra["outside"]))
+        assert lo <= ra["all"] <= hi  # the whole latent's loss is a mix of the two regions'
+    rel = E._relative(out, "a")
+    assert all(r["all"] == 0 for r in rel["b"]) and rel["c"][0]["band"] == [0, 500]
+    with pytest.raises(ValueError, match="one prompt per image"):
+        E.denoising_losses(toy_world, images, {"a": same[:1]})
+
+
+def test_inversion_objective_compares_token_words_and_setting_and_unloads_the_token(toy_world, tmp_path):
+    coi = toy_world.concepts_of_interest[0]
+    pipe = toy_world.pipe
+    row = pipe.text_encoder.get_input_embeddings().weight[single_token_id(pipe.tokenizer, coi.superclass)]
+    save_embedding(tmp_path / "seed0" / coi.name, coi.token, row.detach()[None])
+    res = E.eval_inversion_objective(toy_world, tmp_path, repeats=1, generic_scenes=2)
+    assert list(res["per_concept"]) == [coi.name] and "skipped" in res["notes"][0]
+    assert coi.token not in pipe.tokenizer.get_vocab()
+    r = res["per_concept"][coi.name]
+    assert r["prompts"]["look"] == "a photo of a purple and yellow striped cat"
+    assert r["prompts"]["setting"].endswith(render.BACKGROUNDS["grass"])
+    assert all(x["all"] == 0 for x in r["relative"]["superclass"])
+    assert len(r["loss"]["with_token"]) == len(E.NOISE_BANDS)
+    assert set(res["summary"]["generic_high_noise"]) == {"colour", "colour_pattern", "colour_pattern_colour2",
+                                                         "background", "all"}
+    assert res["summary"]["concepts"] == 1

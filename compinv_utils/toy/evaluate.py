@@ -869,6 +869,149 @@ def eval_sample_quality(world, n: int = 256, seed: int = 0, batch_size: int = 32
             "prompts": "captions of held-out rendered scenes (render.caption); reference: other held-out renderings"}
 
 
+# -- what the inversion objective rewards ------------------------------------------------------------
+
+NOISE_BANDS = ((0, 250), (250, 500), (500, 750), (750, 1000))  # timestep bands of the loss comparison
+
+
+def denoising_losses(world, images: Sequence[Image.Image], prompts: dict[str, Sequence[str]],
+                     masks: np.ndarray | None = None, repeats: int = 8, bands=NOISE_BANDS, seed: int = 0) -> dict:
+    """The loss textual inversion minimises (the UNet's noise-prediction MSE on an image's latent) for each set
+    of ``prompts`` (name -> one prompt per image), on the same noise and timesteps for every set (a paired
+    comparison). Each image is drawn ``repeats`` times in each band of ``bands`` (timesteps uniform in
+    ``[lo, hi)``). ``masks``: ``(N, h, w)`` latent-grid coverage of a region; the loss inside it and outside it
+    is reported too. Returns ``{name: {"band": [lo, hi], "all", "inside", "outside"} per band}``."""
+    from ..inversion import prepare_photos
+
+    pipe = world.pipe
+    n = len(images)
+    if any(len(v) != n for v in prompts.values()):
+        raise ValueError(f"every prompt set needs one prompt per image ({n}); got "
+                         f"{ {k: len(v) for k, v in prompts.items()} }")
+    vae, unet, sched = pipe.vae, pipe.unet, pipe.scheduler
+    pixels = prepare_photos(list(images), unet.config.sample_size * pipe.vae_scale_factor)
+    with torch.no_grad():
+        z0 = vae.encode(pixels.to(world.device, vae.dtype)).latent_dist.mean.float() * vae.config.scaling_factor
+        z0 = z0.repeat(repeats, 1, 1, 1)
+        m = None if masks is None else torch.as_tensor(np.asarray(masks), dtype=torch.float32,
+                                                       device=world.device).repeat(repeats, 1, 1)[:, None]
+        states = {}
+        for name, ps in prompts.items():
+            ids = pipe.tokenizer(list(ps), padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids.to(world.device)
+            states[name] = pipe.text_encoder(ids)[0].repeat(repeats, 1, 1)
+        gen = torch.Generator(world.device).manual_seed(seed)
+        alphas = sched.alphas_cumprod.to(world.device)
+        out = {name: [] for name in prompts}
+        for lo, hi in bands:
+            noise = torch.randn(z0.shape, generator=gen, device=world.device)
+            t = torch.randint(lo, hi, (len(z0),), generator=gen, device=world.device)
+            a = alphas[t].view(-1, 1, 1, 1)
+            zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+            target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
+            for name, cond in states.items():
+                err = ((unet(zt.to(unet.dtype), t, cond.to(unet.dtype)).sample.float() - target) ** 2).mean(1, keepdim=True)
+                row = {"band": [lo, hi], "all": float(err.mean())}
+                if m is not None:
+                    row["inside"] = float((err * m).sum() / m.sum().clamp_min(1e-8))
+                    row["outside"] = float((err * (1 - m)).sum() / (1 - m).sum().clamp_min(1e-8))
+                out[name].append(row)
+    return out
+
+
+def fixed_caption(scene: render.Scene, colour: bool = False, pattern: bool = False, colour2: bool = False,
+                  background: bool = False) -> str:
+    """``scene``'s caption in one template ("a photo of a purple striped cat and a ball on grass"), naming the
+    given attributes of every object: captions that differ in the attribute words alone."""
+    phrases = [render.describe(o, colour, pattern, colour2) for o in scene.objects]
+    text = "a photo of " + " and ".join(phrases)
+    return text + (" " + render.BACKGROUNDS[scene.background] if background else "")
+
+
+def _relative(losses: dict, base: str) -> dict:
+    """Each prompt set's loss as a change relative to ``base``'s, per band and region (``-0.1`` = 10 % lower)."""
+    rel = {}
+    for name, rows in losses.items():
+        rel[name] = [{k: (v / b[k] - 1 if k != "band" else v) for k, v in r.items()}
+                     for r, b in zip(rows, losses[base])]
+    return rel
+
+
+def eval_inversion_objective(world, inversions_root: str | os.PathLike | None = None, repeats: int = 16,
+                             generic_scenes: int = 48, seed: int = 0) -> dict:
+    """Does the loss that textual inversion minimises reward a concept's look? TI can put on the object only
+    what lowers the noise-prediction loss on the photos. For each concept with a plain inversion in
+    ``inversions_root/seed0/<name>/`` (default ``data/toy/inversions/plain``), the loss on its photos (same noise
+    and timesteps, ``repeats`` draws per photo and band of :data:`NOISE_BANDS`) with: the superclass prompt
+    (the baseline), the learned token ("a photo of a <token> cat"), the concept's look in words ("a photo of a
+    purple cat", "... purple striped cat", "... purple and yellow striped cat"), and the photo's own caption
+    naming nouns and background but no look (``setting``); each as a change relative to the superclass's,
+    on the whole latent, inside the concept's object and outside it.
+
+    ``generic``: the same comparison on ``generic_scenes`` held-out training-like scenes, with captions naming
+    nouns only (the baseline) and then colour, pattern, second colour and background: how much the UNet's
+    prediction uses each attribute word where words are true of the image."""
+    from ..inversion import load_embedding, unload
+    from ..world import TOY_DIR
+
+    root = Path(inversions_root) if inversions_root is not None else TOY_DIR / "inversions" / "plain"
+    specs = {c.name: c for c in render.CONCEPTS}
+    grid = world.pipe.unet.config.sample_size
+    per, notes = {}, []
+    for coi in world.concepts_of_interest:
+        spec, path = specs[coi.name], root / "seed0" / coi.name / "learned_embeds.safetensors"
+        if not path.is_file():
+            notes.append(f"{coi.name}: skipped, no inversion at {path}")
+            continue
+        scenes = render.concept_scenes(spec)
+        cls, n = coi.superclass, len(scenes)
+        prompts = {"superclass": [f"a photo of {render.article(cls)}"] * n,
+                   "with_token": [f"a photo of a {coi.token} {cls}"] * n,
+                   "colour": [f"a photo of {render.article(f'{spec.colour} {cls}')}"] * n,
+                   "colour_pattern": [f"a photo of {render.article(f'{spec.colour} {spec.pattern} {cls}')}"] * n,
+                   "look": [f"a photo of {render.article(f'{spec.colour} and {spec.colour2} {spec.pattern} {cls}')}"] * n,
+                   "setting": [fixed_caption(s, background=True) for s in scenes]}
+        masks = np.stack([render.object_masks(s, size=grid)[0] for s in scenes])
+        load_embedding(world.pipe, path, coi.token)
+        try:
+            losses = denoising_losses(world, [render.draw_scene(s)[0] for s in scenes], prompts, masks,
+                                      repeats=repeats, seed=seed)
+        finally:
+            unload(world.pipe, coi.token)
+        per[coi.name] = {"prompts": {k: v[0] for k, v in prompts.items()}, "loss": losses,
+                         "relative": _relative(losses, "superclass")}
+
+    scenes = [render.sample_scene(EVAL_SEED + 600_000 + i) for i in range(generic_scenes)]
+    named = {"nouns": {}, "colour": dict(colour=True), "colour_pattern": dict(colour=True, pattern=True),
+             "colour_pattern_colour2": dict(colour=True, pattern=True, colour2=True),
+             "background": dict(background=True),
+             "all": dict(colour=True, pattern=True, colour2=True, background=True)}
+    caps = {k: [fixed_caption(s, **kw) for s in scenes] for k, kw in named.items()}
+    glosses = denoising_losses(world, [render.draw_scene(s)[0] for s in scenes], caps, repeats=max(1, repeats // 4),
+                               seed=seed)
+    generic = {"n": generic_scenes, "example": {k: v[0] for k, v in caps.items()}, "loss": glosses,
+               "relative": _relative(glosses, "nouns")}
+
+    def high(rel_rows, region="all") -> float:  # mean relative change over the bands t >= 500
+        return float(np.mean([r[region] for r in rel_rows if r["band"][0] >= 500]))
+
+    res = {"per_concept": per, "generic": generic, "bands": [list(b) for b in NOISE_BANDS], "repeats": repeats,
+           "inversions": shown_path(root),
+           "loss": "noise-prediction MSE (the inversion's own loss), latent mean of the image, paired noise and t"}
+    summary = {"generic_high_noise": {k: high(v) for k, v in generic["relative"].items() if k != "nouns"}}
+    if per:
+        for name in ("with_token", "colour", "colour_pattern", "look", "setting"):
+            for region in ("all", "inside", "outside"):
+                summary[f"{name}_high_noise_{region}"] = float(np.mean([high(r["relative"][name], region)
+                                                                        for r in per.values()]))
+        summary["concepts_look_words_lower_than_superclass"] = int(sum(high(r["relative"]["look"]) < 0
+                                                                       for r in per.values()))
+    res["summary"] = summary | {"concepts": len(per)}
+    if notes:
+        res["notes"] = notes
+    return res
+
+
 def main(argv=None):
     from ..world import load_world
 
@@ -878,7 +1021,8 @@ def main(argv=None):
              "inversion": eval_inversion, "attention": eval_attention_localisation,
              "attention_renderings": eval_attention_on_renderings, "look": eval_concept_look,
              "look_words": eval_look_from_words, "pattern_kept": eval_pattern_kept, "quality": eval_sample_quality,
-             "attribute_words": eval_attribute_words, "clip_words": eval_clip_words}
+             "attribute_words": eval_attribute_words, "clip_words": eval_clip_words,
+             "inversion_objective": eval_inversion_objective}
     names = list(parts)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--skip", nargs="*", default=[], metavar="PART",
