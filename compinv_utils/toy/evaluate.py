@@ -901,13 +901,11 @@ def denoising_losses(world, images: Sequence[Image.Image], prompts: dict[str, Se
                                  truncation=True, return_tensors="pt").input_ids.to(world.device)
             states[name] = pipe.text_encoder(ids)[0].repeat(repeats, 1, 1)
         gen = torch.Generator(world.device).manual_seed(seed)
-        alphas = sched.alphas_cumprod.to(world.device)
         out = {name: [] for name in prompts}
         for lo, hi in bands:
             noise = torch.randn(z0.shape, generator=gen, device=world.device)
             t = torch.randint(lo, hi, (len(z0),), generator=gen, device=world.device)
-            a = alphas[t].view(-1, 1, 1, 1)
-            zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+            zt = sched.add_noise(z0, noise, t)
             target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
             for name, cond in states.items():
                 err = ((unet(zt.to(unet.dtype), t, cond.to(unet.dtype)).sample.float() - target) ** 2).mean(1, keepdim=True)
@@ -963,19 +961,17 @@ def eval_inversion_objective(world, inversions_root: str | os.PathLike | None = 
         if not path.is_file():
             notes.append(f"{coi.name}: skipped, no inversion at {path}")
             continue
-        scenes = render.concept_scenes(spec)
-        cls, n = coi.superclass, len(scenes)
-        prompts = {"superclass": [f"a photo of {render.article(cls)}"] * n,
-                   "with_token": [f"a photo of a {coi.token} {cls}"] * n,
-                   "colour": [f"a photo of {render.article(f'{spec.colour} {cls}')}"] * n,
-                   "colour_pattern": [f"a photo of {render.article(f'{spec.colour} {spec.pattern} {cls}')}"] * n,
-                   "look": [f"a photo of {render.article(f'{spec.colour} and {spec.colour2} {spec.pattern} {cls}')}"] * n,
-                   "setting": [fixed_caption(s, background=True) for s in scenes]}
+        scenes = render.concept_scenes(spec)  # the scenes of coi.photos
+        obj, n = scenes[0].objects[0], len(scenes)  # the concept's object, in the caption grammar
+        named = {"superclass": (False, False, False), "colour": (True, False, False),
+                 "colour_pattern": (True, True, False), "look": (True, True, True)}
+        prompts = {k: ["a photo of " + render.describe(obj, *kw)] * n for k, kw in named.items()}
+        prompts["with_token"] = [f"a photo of a {coi.token} {coi.superclass}"] * n
+        prompts["setting"] = [fixed_caption(s, background=True) for s in scenes]
         masks = np.stack([render.object_masks(s, size=grid)[0] for s in scenes])
         load_embedding(world.pipe, path, coi.token)
         try:
-            losses = denoising_losses(world, [render.draw_scene(s)[0] for s in scenes], prompts, masks,
-                                      repeats=repeats, seed=seed)
+            losses = denoising_losses(world, coi.photos, prompts, masks, repeats=repeats, seed=seed)
         finally:
             unload(world.pipe, coi.token)
         per[coi.name] = {"prompts": {k: v[0] for k, v in prompts.items()}, "loss": losses,
