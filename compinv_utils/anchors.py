@@ -13,10 +13,15 @@ from anchor ``i`` (and unbounded below), so attraction needs non-negative weight
 (plain OMP, signed coefficients; the weights are their absolute values) and ``"lasso"``
 (non-negative LARS-lasso with at most ``c`` steps) are available for comparison.
 
-**When δ is re-estimated.** Every ``refresh_every`` steps (default 25) from the current ``e``. At
-the start ``e`` equals the superclass word, so δ is one-hot on it; as inversion moves ``e`` toward
-the photos, the code spreads to the concepts the photos resemble. Re-coding every step would chase
-noise in ``e``; never re-coding would pin the concept to its initial word.
+**Which anchors.** ``choice="semantic"`` (the default) anchors the concept on its meaning, as the
+paper's example does (a cat concept: "cat" and "pet", not "car"): the class word and its ``c − 1``
+nearest anchor words (cosine of input embeddings), weighted by their similarity to the class word
+(``δ_i ∝ max(cos(e_i, e_class), 0)``; the class has the largest weight). The anchors are fixed when the
+inversion starts (``e`` equals the class word then), so the photos cannot pull them elsewhere.
+``choice="recode"`` re-codes δ from the current ``e`` every ``refresh_every`` steps over all anchors:
+as inversion moves ``e`` toward the photos, the code spreads to whatever the photos resemble, their
+companions included (chapter 03 compares the two). Either way δ is part of the loss's state, saved in
+inversion checkpoints, so a resumed inversion equals an uninterrupted one.
 
 The official code's simplification — one anchor (the class noun) and an element-wise MSE between the
 text encoder's *embedding-layer* outputs (token + position embeddings, 77 × D) of the training prompt
@@ -32,6 +37,7 @@ import numpy as np
 import torch
 
 METHODS = ("nnomp", "omp", "lasso")
+CHOICES = ("semantic", "recode")  # how the anchors are chosen (see the module docstring)
 
 
 def check_lambda(lam: float) -> float:
@@ -110,8 +116,10 @@ class AnchorLoss:
     """
 
     def __init__(self, pipe, words: Sequence[str], lam: float = 0.95, c: int = 3, method: str = "nnomp",
-                 refresh_every: int = 25):
-        """``lam`` defaults to the paper's 0.95 (SD 1.5); :meth:`for_world` takes the world's own λ."""
+                 refresh_every: int = 25, choice: str = "semantic"):
+        """``lam`` defaults to the paper's 0.95 (SD 1.5); :meth:`for_world` takes the world's own λ.
+        ``choice``: ``"semantic"`` (the class word and its nearest anchors, fixed) or ``"recode"`` (sparse-coded
+        from the current embedding every ``refresh_every`` steps with ``method``)."""
         words = words if isinstance(words, str) else list(words)
         if isinstance(words, str) or not all(isinstance(w, str) for w in words):
             raise TypeError(f"words must be a list of anchor words, e.g. ['cat', 'dog'], got {words!r}")
@@ -119,6 +127,8 @@ class AnchorLoss:
             raise ValueError("no anchor words given: pass a non-empty list, e.g. the world's nouns")
         if method not in METHODS:
             raise ValueError(f"unknown sparse coder {method!r}; choose one of {METHODS}")
+        if choice not in CHOICES:
+            raise ValueError(f"unknown anchor choice {choice!r}; choose one of {CHOICES}")
         if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in (c, refresh_every)):
             raise TypeError(f"c and refresh_every must be integers, got c={c!r}, refresh_every={refresh_every!r}")
         self.lam = check_lambda(lam)
@@ -128,9 +138,33 @@ class AnchorLoss:
             raise ValueError(f"c must be between 1 and the number of anchors ({len(self.words)}), got {c}")
         if refresh_every < 1:
             raise ValueError(f"refresh_every must be >= 1, got {refresh_every}")
-        self.c, self.method, self.refresh_every = c, method, refresh_every
+        self.c, self.method, self.refresh_every, self.choice = c, method, refresh_every, choice
         self.delta: torch.Tensor | None = None
         self.last_log: dict = {}
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps so that a resumed inversion continues with the same anchors."""
+        return {"delta": None if self.delta is None else self.delta.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        delta = state.get("delta")
+        if delta is not None and tuple(delta.shape) != (len(self.words),):
+            raise ValueError(f"anchor weights of shape {tuple(delta.shape)} do not fit {len(self.words)} anchors")
+        self.delta = None if delta is None else delta.clone().float()
+
+    def semantic(self, e: torch.Tensor) -> torch.Tensor:
+        """δ for ``choice="semantic"``: ``e`` ``(n, D)`` is the class word at the start of an inversion; its
+        nearest anchor (the class itself when it is an anchor word) and the ``c − 1`` anchors nearest to that
+        one, weighted by ``max(cos, 0)`` to it and normalised to sum 1."""
+        a = torch.nn.functional.normalize(self.anchors.double(), dim=1)
+        x = torch.nn.functional.normalize(e.detach().double().cpu().mean(0), dim=0)
+        cls = int(torch.argmax(a @ x))
+        sim = (a @ a[cls]).clamp_min(0)
+        keep = torch.argsort(sim, descending=True)[:self.c]
+        delta = torch.zeros(len(a), dtype=torch.float64)
+        delta[keep] = sim[keep]
+        delta[cls] = 1.0  # the class word itself (cos 1), kept first even among tied neighbours
+        return (delta / delta.sum()).float()
 
     @classmethod
     def for_world(cls, world, **kwargs) -> "AnchorLoss":
@@ -145,7 +179,10 @@ class AnchorLoss:
         return torch.tensor(np.mean(ws, 0), dtype=torch.float32)
 
     def __call__(self, rec: torch.Tensor, e: torch.Tensor, step: int) -> torch.Tensor:
-        if self.delta is None or step % self.refresh_every == 0:
+        if self.choice == "semantic":
+            if self.delta is None:
+                self.delta = self.semantic(e)
+        elif self.delta is None or step % self.refresh_every == 0:
             self.delta = self.code(e)
         anc = anchor_loss(e, self.anchors, self.delta)
         active = torch.nonzero(self.delta).flatten().tolist()

@@ -15,7 +15,12 @@ is None). The columns (:data:`METRICS`), each derived from a record by :func:`va
 - ``coi``: CoI likelihood as the official evaluation defines it — the prompt's *last* object is
   detected (the partner noun; in the concept setting the second concept's class).
 - ``all_found``: every named object is detected.
-- ``class_found``: the concept's own class noun is detected (not a column of the paper's Table 1).
+- ``class_found``: the concept's own class noun is detected (not a column of the paper's Table 1); in the
+  concept setting the mean over both concepts' classes.
+- ``first_found``: the first named object is detected — the (first) concept's class. In the concept setting
+  it stands beside ``coi`` (the second concept's class): the paper reports CoI likelihood only for
+  composition with pretrained words, and there a fix that pulls in the second class while losing the first
+  swaps the concepts rather than composing them.
 - ``image_alignment``: whole-image CLIP similarity to the user photos (the paper's), averaged over the
   concepts of the image.
 - ``object_alignment``: the same on the detected object's crop against the photos' object crops,
@@ -45,7 +50,7 @@ from .progress import bar
 # method -> (which inversion, guided?)
 METHODS: dict[str, tuple[str, bool]] = {"TI": ("plain", False), "+semantic": ("semantic", False),
                                         "+spatial": ("plain", True), "+both": ("semantic", True)}
-METRICS = ("text_alignment", "coi", "all_found", "class_found", "image_alignment", "object_alignment")
+METRICS = ("text_alignment", "coi", "all_found", "class_found", "first_found", "image_alignment", "object_alignment")
 
 
 @dataclass
@@ -259,6 +264,8 @@ def value(record: dict, metric: str) -> float:
         return float(min(record["found"]))
     if metric == "class_found":
         return float(np.mean(record["found"][:len(record["concepts"])]))
+    if metric == "first_found":  # the first named object: the (first) concept's class
+        return float(record["found"][0])
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose from {METRICS}")
     v = record[metric]
@@ -269,9 +276,10 @@ def _cluster(record: dict) -> str:
     return "+".join(record["concepts"])
 
 
-def summarise(records: Sequence[dict], seed: int = 0) -> dict[tuple[str, str], dict[str, tuple[float, float, float]]]:
-    """Mean and 95 % cluster-bootstrap interval of each metric per (setting, method): concepts (pairs of
-    concepts in the concept setting) are resampled, then inversion seeds within each."""
+def summarise(records: Sequence[dict]) -> dict[tuple[str, str], dict[str, tuple[float, float, float]]]:
+    """Mean and 95 % t-interval of each metric per (setting, method) over concepts (pairs of concepts in the
+    concept setting), each concept's value the mean of its inversion seeds' means
+    (:func:`compinv_utils.metrics.cluster_t_interval`)."""
     out: dict = {}
     for r in records:
         out.setdefault((r["setting"], r["method"]), []).append(r)
@@ -281,7 +289,7 @@ def summarise(records: Sequence[dict], seed: int = 0) -> dict[tuple[str, str], d
         row = {"n": (len(rs),) * 3}
         for metric in METRICS:
             vals = [value(r, metric) for r in rs]
-            row[metric] = (M.cluster_bootstrap(vals, cl, sub, seed=seed) if not np.isnan(vals).all()
+            row[metric] = (M.cluster_t_interval(vals, cl, sub) if not np.isnan(vals).all()
                            else (float("nan"),) * 3)
         table[key] = row
     return table
@@ -299,7 +307,7 @@ def paired_difference(records: Sequence[dict], setting: str, method: str, metric
                       base: str = "TI") -> tuple[np.ndarray, list, list]:
     """Per-image ``metric`` of ``method`` minus that of ``base`` on the same prompt, inversion seed and
     seed, with each difference's cluster (concept or pair) and subcluster (inversion seed) for
-    :func:`compinv_utils.metrics.cluster_bootstrap`."""
+    :func:`compinv_utils.metrics.cluster_t_interval`."""
     def values(m):
         out = {}
         for r in records:
@@ -314,10 +322,11 @@ def paired_difference(records: Sequence[dict], setting: str, method: str, metric
     return np.array([a[k] - b[k] for k in keys]), ["+".join(k[0]) for k in keys], [k[1] for k in keys]
 
 
-def difference_ci(records: Sequence[dict], setting: str, method: str, metric: str, base: str = "TI",
-                  seed: int = 0) -> tuple[float, float, float]:
-    """Mean paired difference ``method − base`` and its 95 % cluster-bootstrap interval."""
-    return M.cluster_bootstrap(*paired_difference(records, setting, method, metric, base), seed=seed)
+def difference_ci(records: Sequence[dict], setting: str, method: str, metric: str,
+                  base: str = "TI") -> tuple[float, float, float]:
+    """Mean paired difference ``method − base`` and its 95 % t-interval over concepts
+    (:func:`compinv_utils.metrics.cluster_t_interval`)."""
+    return M.cluster_t_interval(*paired_difference(records, setting, method, metric, base))
 
 
 def sweep_point(world, concept, path: str | Path, partners: Sequence[str], samples: int = 4, seed: int = 0) -> dict:

@@ -487,6 +487,8 @@ def _train(pipe, pixels, mask_t, token, tokens, superclass, config, loss_fn, row
         rng.bit_generator.state = json.loads(resume["rng"])
         gen.set_state(resume["gen"])
         losses, log, start = list(resume["losses"]), json.loads(resume["log"]), int(resume["step"])
+        if resume.get("loss_state") is not None and hasattr(loss_fn, "load_state_dict"):
+            loss_fn.load_state_dict(resume["loss_state"])
 
     bar = progress_bar(range(start, config.steps), desc=f"invert {token}", progress=progress, initial=start, total=config.steps)
     for step in bar:
@@ -562,7 +564,8 @@ def _train(pipe, pixels, mask_t, token, tokens, superclass, config, loss_fn, row
         if ckpt and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
             torch_save(dict(made_from=json.dumps(made_from), embeddings=rows.detach().cpu().clone(),
                             optimizer=opt.state_dict(), step=step + 1, rng=json.dumps(rng.bit_generator.state),
-                            gen=gen.get_state(), losses=list(losses), log=json.dumps(log, default=_plain)), ckpt)
+                            gen=gen.get_state(), losses=list(losses), log=json.dumps(log, default=_plain),
+                            loss_state=loss_fn.state_dict() if hasattr(loss_fn, "state_dict") else None), ckpt)
     te.eval()
     return InversionResult(token, tokens, superclass, rows.detach().float().cpu().clone(), losses, asdict(config), log)
 

@@ -7,8 +7,11 @@ class in "a S* cat and a S' teddy" (DETR at score 0.8 in the official code and i
 toy detector at its own threshold). Beside it: *all named objects found* and, under its own name,
 *class found* (the concept's own class noun detected), which the official code does not measure.
 
-**Intervals** resample what was drawn independently: concepts (or pairs of concepts) and, within each,
-inversion seeds — not the images generated from them (:func:`cluster_bootstrap`).
+**Intervals** come from what was drawn independently: concepts (or pairs of concepts) and, within each,
+inversion seeds — not the images generated from them. With a handful of concepts a percentile bootstrap
+over them is too narrow (over 5 concepts its 95 % interval covers the truth about 80 % of the time), so
+every claim uses :func:`cluster_t_interval`: a Student t-interval over the per-concept means, each the
+mean of its inversion seeds' means. :func:`cluster_bootstrap` stays for comparison.
 """
 
 from __future__ import annotations
@@ -105,6 +108,56 @@ def _replicates(sums, counts, n_boot: int, rng: np.random.Generator) -> np.ndarr
             n += counts[k][pick].sum()
         stats[b] = total / n
     return stats
+
+
+def cluster_means(values, clusters, subclusters=None) -> np.ndarray:
+    """Per cluster (a concept, or a pair of concepts), the mean over its subclusters (inversion seeds) of
+    each subcluster's mean value; NaN values are dropped first. Returns ``(K,)`` in order of appearance."""
+    sums, counts, _ = _cells(values, clusters, subclusters)
+    return np.array([np.mean(s / c) for s, c in zip(sums, counts)])
+
+
+def _t_bounds(mean: float, se: float, df: float, level: float) -> tuple[float, float, float]:
+    from scipy.stats import t
+
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), e.g. 0.95, got {level}")
+    if df < 1 or not np.isfinite(se):
+        return float(mean), float("nan"), float("nan")
+    h = float(t.ppf(0.5 + level / 2, df)) * se
+    return float(mean), float(mean - h), float(mean + h)
+
+
+def cluster_t_interval(values, clusters, subclusters=None, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and t-interval ``(mean, low, high)`` over clusters: the mean of :func:`cluster_means` and
+    ``mean ± t_{K−1} · s / √K`` over its ``K`` cluster means. The seeds' spread reaches the interval through
+    each cluster's mean. Made for few clusters (a handful of concepts), where a percentile bootstrap over them
+    is too narrow. With one cluster the bounds are NaN (nothing to estimate a spread from): no claim can rest
+    on one concept. Paired differences (method minus baseline, per image) go in as ``values``."""
+    m = cluster_means(values, clusters, subclusters)
+    k = len(m)
+    se = float(m.std(ddof=1) / np.sqrt(k)) if k > 1 else float("nan")
+    return _t_bounds(float(m.mean()), se, k - 1, level)
+
+
+def cluster_t_interval_diff(a, a_clusters, b, b_clusters, a_sub=None, b_sub=None,
+                            level: float = 0.95) -> tuple[float, float, float]:
+    """``mean(a) − mean(b)`` over the cluster means of two independent samples (e.g. the inverted words,
+    clusters = concepts, subclusters = seeds, against the vocabulary's nouns, one cluster each), with a Welch
+    t-interval (Welch–Satterthwaite degrees of freedom)."""
+    ma, mb = cluster_means(a, a_clusters, a_sub), cluster_means(b, b_clusters, b_sub)
+    if len(ma) < 2 or len(mb) < 2:
+        return float(ma.mean() - mb.mean()), float("nan"), float("nan")
+    va, vb = ma.var(ddof=1) / len(ma), mb.var(ddof=1) / len(mb)
+    se = float(np.sqrt(va + vb))
+    df = (va + vb) ** 2 / (va ** 2 / (len(ma) - 1) + vb ** 2 / (len(mb) - 1)) if va + vb > 0 else len(ma) + len(mb) - 2
+    return _t_bounds(float(ma.mean() - mb.mean()), se, float(df), level)
+
+
+def excludes_zero(interval: tuple[float, float, float]) -> bool:
+    """Whether an interval ``(mean, low, high)`` lies wholly on one side of zero (NaN bounds: never)."""
+    _, lo, hi = interval
+    return bool(lo > 0 or hi < 0)
 
 
 def cluster_bootstrap(values, clusters, subclusters=None, n_boot: int = 2000, level: float = 0.95,

@@ -92,8 +92,8 @@ class WorldSettings:
     minutes_per_chapter: str = ""  # what a chapter costs on the world's reference hardware, with these budgets
 
 
-# λ = 0.5: what the balance rule picks from the sweep of chapter 03 (which checks that it still does)
-TOY_SETTINGS = WorldSettings(lam=0.5, partners=("kite", "car", "umbrella", "book", "fish", "hat"),
+# λ: what the balance rule picks from the sweep of chapter 03 (which checks that it still does)
+TOY_SETTINGS = WorldSettings(lam=0.25, partners=("kite", "car", "umbrella", "book", "fish", "hat"),
                              minutes_per_chapter="1-3 minutes on a 2-core CPU with the cached results")
 # A subset sized for one Colab T4 (estimated at about 15 minutes per chapter from typical T4 step costs, not
 # measured here): 2 concepts, 1 inversion seed of 500 steps, 2 partners, the pair table over 8 nouns (28 pairs).
@@ -156,7 +156,11 @@ class World:
     def detect(self, images: Sequence[Image.Image], threshold: float | None = None) -> list[list[Detection]]:
         """Per image, the detections ``(label, (x0, y0, x1, y1), score)`` with score >= threshold
         (default: the world's ``settings.detect_threshold``; 0.8 for DETR as in the official evaluation)."""
-        return self.detector(list(images), self.settings.detect_threshold if threshold is None else threshold)
+        threshold = self.settings.detect_threshold if threshold is None else threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating)) or not 0 <= threshold <= 1:
+            raise ValueError(f"threshold is a detection score between 0 and 1, got {threshold!r} (the world's default "
+                             f"is {self.settings.detect_threshold})")
+        return self.detector(list(images), float(threshold))
 
     def photo_crops(self, concept: ConceptOfInterest) -> list[Image.Image]:
         """The concept's object cut out of each of its photos: the crops the world knows, else the
@@ -206,8 +210,9 @@ class World:
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1 (an integer), got {steps!r} (the world's default is "
                              f"{self.num_inference_steps})")
-        if not math.isfinite(scale):
-            raise ValueError(f"guidance_scale must be a finite number, got {scale}")
+        if not math.isfinite(scale) or scale < 1:
+            raise ValueError(f"guidance_scale must be a finite number >= 1 (1 turns classifier-free guidance off; the "
+                             f"world's default is {self.guidance_scale}), got {scale}")
         dev = "cpu" if self.device.type == "mps" else self.device
         images = []
         for i in range(0, len(prompts), batch_size):
@@ -226,6 +231,8 @@ def crop(image: Image.Image, box: Sequence[float], pad: float = 0.1) -> Image.Im
     """The part of ``image`` inside ``box`` ``(x0, y0, x1, y1)`` in [0, 1], grown by ``pad`` of its size
     on each side (clipped to the image)."""
     x0, y0, x1, y1 = box
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or x0 > x1 or y0 > y1:
+        raise ValueError(f"a box is (x0, y0, x1, y1) in [0, 1] with x0 <= x1 and y0 <= y1, got {tuple(box)}")
     w, h = x1 - x0, y1 - y0
     x0, x1 = max(0.0, x0 - pad * w), min(1.0, x1 + pad * w)
     y0, y1 = max(0.0, y0 - pad * h), min(1.0, y1 + pad * h)
@@ -422,9 +429,15 @@ def sd15_concepts(folder: str | Path, size: int = 512) -> list[ConceptOfInterest
     subs = sorted(p for p in folder.iterdir() if p.is_dir())
     if not subs:
         raise ValueError(f"concepts folder {folder} has no subfolders of photos")
-    out = []
+    out, seen = [], {}
     for sub in subs:
         name = re.sub(r"[^a-z0-9_-]", "", sub.name.lower())
+        if not name:
+            raise ValueError(f"concept folder {sub} has no letter or digit in its name, so it gives no placeholder "
+                             "token: rename it (e.g. 'my_dog')")
+        if name in seen:
+            raise ValueError(f"concept folders {seen[name]} and {sub} both become the token <{name}>: rename one")
+        seen[name] = sub
         superclass = mapping.get(sub.name) or re.sub(r"[\d_]+$", "", sub.name).replace("_", " ")
         out.append(ConceptOfInterest(name, f"<{name}>", superclass, load_photos(sub, size)))
     return out

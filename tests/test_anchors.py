@@ -71,10 +71,10 @@ def test_lambda_zero_reproduces_plain_ti(toy_world):
         plain = invert(pipe, coi.photos, "<p0>", coi.superclass, cfg, progress=False)
         unload(pipe, "<p0>")
         with_anchor = invert(pipe, coi.photos, "<p0>", coi.superclass, cfg,
-                             loss_fn=AnchorLoss(pipe, toy_world.concepts, lam=0.0), progress=False)
+                             loss_fn=AnchorLoss(pipe, toy_world.concepts, lam=0.0, choice="recode"), progress=False)
         assert torch.equal(plain.embeddings, with_anchor.embeddings)
         assert with_anchor.log and "anchors" in with_anchor.log[0]
-        assert with_anchor.log[0]["anchors"] == {coi.superclass: 1.0}  # starts one-hot on the superclass word
+        assert with_anchor.log[0]["anchors"] == {coi.superclass: 1.0}  # re-coding starts one-hot on the superclass word
     finally:
         unload(pipe, "<p0>")
 
@@ -140,3 +140,61 @@ def test_official_loss_is_the_embedding_layer_mse(toy_world):
         assert got > 0
     finally:
         unload(pipe, "<p4>")
+
+
+def test_semantic_anchors_are_the_class_and_its_neighbours_fixed_for_the_run(toy_world):
+    pipe, coi = toy_world.pipe, toy_world.concepts_of_interest[0]
+    loss = AnchorLoss(pipe, toy_world.concepts, lam=0.5, c=3)
+    assert loss.choice == "semantic"
+    try:
+        res = invert(pipe, coi.photos, "<p5>", coi.superclass, InversionConfig(steps=30, batch_size=2, lr=5e-2),
+                     loss_fn=loss, progress=False)
+    finally:
+        unload(pipe, "<p5>")
+    first, last = res.log[0]["anchors"], res.log[-1]["anchors"]
+    assert first == last and len(first) == 3  # fixed: the photos cannot pull the anchors elsewhere
+    assert max(first, key=first.get) == coi.superclass  # the class word, with the largest weight
+    table = anchor_embeddings(pipe, toy_world.concepts)
+    cos = torch.nn.functional.cosine_similarity(table, table[toy_world.concepts.index(coi.superclass)][None])
+    nearest = {toy_world.concepts[i] for i in torch.argsort(cos, descending=True)[:3].tolist()}
+    assert set(first) == nearest
+    assert sum(first.values()) == pytest.approx(1, abs=1e-3)
+    with pytest.raises(ValueError, match="anchor choice"):
+        AnchorLoss(pipe, toy_world.concepts, choice="nearest")
+
+
+@pytest.mark.parametrize("choice", ["semantic", "recode"])
+def test_an_interrupted_semantic_inversion_resumes_to_the_uninterrupted_result(toy_world, tmp_path, choice):
+    pipe, coi = toy_world.pipe, toy_world.concepts_of_interest[1]
+    # checkpoints every 3 steps, δ re-coded every 2: the resume step (3) is not a re-coding step, so a loss that
+    # forgot δ would re-code it there and drift from the uninterrupted run
+    cfg = InversionConfig(steps=6, batch_size=2, lr=5e-2, checkpoint_every=3)
+
+    class Stop(Exception):
+        pass
+
+    crash = {"at": None}  # outside the loss: its settings identify the checkpoint
+
+    class Crashing(AnchorLoss):
+        def __call__(self, rec, e, step):
+            if step == crash["at"]:
+                raise Stop
+            return super().__call__(rec, e, step)
+
+    def make():
+        return Crashing(pipe, toy_world.concepts, lam=0.5, c=3, refresh_every=2, choice=choice)
+
+    try:
+        full = invert(pipe, coi.photos, "<p6>", coi.superclass, cfg, loss_fn=make(), progress=False)
+        unload(pipe, "<p6>")
+        crash["at"] = 3
+        with pytest.raises(Stop):
+            invert(pipe, coi.photos, "<p6>", coi.superclass, cfg, loss_fn=make(), checkpoint_dir=tmp_path,
+                   progress=False)
+        crash["at"] = None
+        resumed = invert(pipe, coi.photos, "<p6>", coi.superclass, cfg, loss_fn=make(), checkpoint_dir=tmp_path,
+                         progress=False)
+    finally:
+        unload(pipe, "<p6>")
+    assert torch.allclose(resumed.embeddings, full.embeddings, atol=1e-6)
+    assert resumed.log[3]["anchors"] == full.log[3]["anchors"]

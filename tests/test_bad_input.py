@@ -16,6 +16,7 @@ from compinv_utils import layout as L
 from compinv_utils.anchors import AnchorLoss
 from compinv_utils.guidance import GuidanceConfig, guided_generate, localisation_loss
 from compinv_utils.metrics import bootstrap_ci, bootstrap_diff_ci
+from compinv_utils.world import crop
 
 TINY = I.InversionConfig(steps=1, batch_size=1)
 TOKENS = ("<b1>", "<b2>", "<b3>", "<b4>", "<a-b>", "<a_b>")
@@ -374,6 +375,7 @@ def test_guided_generation_input(world, bad, error, message):
     ([], {}, "no prompts given"),
     ("a cat", dict(batch_size=0), "batch_size must be an integer >= 1"),
     ("a cat", dict(guidance_scale=math.inf), "guidance_scale must be a finite number"),
+    ("a cat", dict(guidance_scale=-5), "guidance_scale must be a finite number >= 1"),
 ])
 def test_world_generate_input(world, prompts, kw, message):
     with pytest.raises(ValueError, match=message):
@@ -413,3 +415,30 @@ def test_records_file_json_is_checked(tmp_path):
     path.write_text(json.dumps({"a": "cat", "b": "dog", "box_a": [0, 0, 2, 1], "box_b": [0, 0, 1, 1]}) + "\n")
     with pytest.warns(UserWarning, match="skipped 1 corrupt"):
         assert L.read_records(path) == []
+
+
+@pytest.mark.parametrize("threshold", [1.5, -1, float("nan"), "0.5"])
+def test_detect_refuses_a_threshold_that_is_not_a_score(world, threshold):
+    with pytest.raises(ValueError, match="threshold is a detection score between 0 and 1"):
+        world.detect(world.concepts_of_interest[0].photos[:1], threshold)
+
+
+def test_crop_refuses_an_inverted_box(world):
+    photo = world.concepts_of_interest[0].photos[0]
+    with pytest.raises(ValueError, match="x0 <= x1 and y0 <= y1"):
+        crop(photo, (0.8, 0.1, 0.2, 0.9))
+    assert crop(photo, (0.2, 0.1, 0.8, 0.9)).size[0] > 1
+
+
+@pytest.mark.parametrize("names, message", [(["dog!", "dog?"], "both become the token <dog>"),
+                                            (["\u2728\u2728"], "no letter or digit")])
+def test_concept_folders_that_give_no_token_or_the_same_one(tmp_path, names, message):
+    from PIL import Image
+
+    from compinv_utils.world import sd15_concepts
+
+    for n in names:
+        (tmp_path / n).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / n / "a.png")
+    with pytest.raises(ValueError, match=message):
+        sd15_concepts(tmp_path, size=8)

@@ -84,7 +84,8 @@ def test_registry_and_errors(toy_world):
         get_method("custom_diffusion").fit(toy_world, c, CustomDiffusionConfig(steps=1, weights_lr=0.0))
     assert METHODS["ti"].anchor_lambda(toy_world) == toy_world.settings.lam
     assert METHODS["custom_diffusion"].anchor_lambda(toy_world) == toy_world.settings.lam
-    assert METHODS["dreambooth"].anchor_lambda(toy_world) == DREAMBOOTH_LAMBDA == 0.6
+    assert METHODS["dreambooth"].anchor_lambda(toy_world) == toy_world.settings.lam  # one rule for every method
+    assert DREAMBOOTH_LAMBDA == 0.6  # the paper's SD 1.5 weights, kept for reference
     assert not toy_world.pipe.tokenizer.get_vocab().keys() & {c.token}  # nothing was left behind
 
 
