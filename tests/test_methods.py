@@ -336,8 +336,9 @@ def test_dreambooth_fit_save_load_and_unload(quick_toy, fresh, tmp_path):
                    loss_fn=spy, progress=False)
     assert pipe.unet is fitted.weights and pipe.unet is not original
     assert spy.names == sorted(["token"] + [f"unet.{k}" for k, _ in original.named_parameters()])
-    for e, total in zip(fitted.log, fitted.losses):  # L_rec 0.4 / L_anc 0.6, + the prior
-        assert total == pytest.approx(0.4 * e["rec"] + 0.6 * e["anc"] + e["prior"], rel=1e-5)
+    lam = m.anchor_lambda(world)
+    for e, total in zip(fitted.log, fitted.losses):  # (1 − λ) L_rec + λ L_anc at the world's λ, + the prior
+        assert total == pytest.approx((1 - lam) * e["rec"] + lam * e["anc"] + e["prior"], rel=1e-5)
     changed = [k for k, v in pipe.unet.state_dict().items() if not torch.equal(v, snapshot[k])]
     assert len(changed) > len(snapshot) // 2  # the whole UNet was fine-tuned
     prompt = f"a photo of a {c.token} {c.superclass}"
