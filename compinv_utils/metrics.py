@@ -9,7 +9,7 @@ toy detector at its own threshold). Beside it: *all named objects found* and, un
 
 **Intervals** come from what was drawn independently: concepts (or pairs of concepts) and, within each,
 inversion seeds — not the images generated from them. With a handful of concepts a percentile bootstrap
-over them is too narrow (over 5 concepts its 95 % interval covers the truth about 80 % of the time), so
+over them is too narrow (it covers the truth less often than it claims; ``tests/test_evaluation.py``), so
 every claim uses :func:`cluster_t_interval`: a Student t-interval over the per-concept means, each the
 mean of its inversion seeds' means. :func:`cluster_bootstrap` stays for comparison.
 """
