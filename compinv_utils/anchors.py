@@ -163,7 +163,7 @@ class AnchorLoss:
         keep = torch.argsort(sim, descending=True)[:self.c]
         delta = torch.zeros(len(a), dtype=torch.float64)
         delta[keep] = sim[keep]
-        delta[cls] = 1.0  # the class word itself (cos 1), kept first even among tied neighbours
+        delta[cls] = 1.0  # the class word itself (cos 1), kept even when other anchors tie with it
         return (delta / delta.sum()).float()
 
     @classmethod

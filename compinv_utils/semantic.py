@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -36,7 +35,11 @@ VARIANTS = ("plain", "semantic", "recode", "official")
 LAMBDAS = (0.0, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0)  # the sweep; λ = 0 is plain TI
 OFFICIAL_LAMBDA = 0.95  # the official script's weight of its anchor loss (and the paper's λ for TI on SD 1.5)
 SWEEP_FILE = "lambda_sweep.json"
-SWEEP_KEYS = ("knn", "image_alignment", "object_alignment", "coi", "class_found", "text_alignment")
+
+
+def _is_plain(variant: str, lam: float) -> bool:
+    """Plain TI: the plain variant, or an anchored one at λ = 0."""
+    return variant == "plain" or (variant in ("semantic", "recode") and lam == 0)
 
 
 def variant_root(world, variant: str, lam: float = 0.0) -> Path:
@@ -44,7 +47,7 @@ def variant_root(world, variant: str, lam: float = 0.0) -> Path:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
     inv = world.data_dir / "inversions"
-    if variant == "plain" or (variant in ("semantic", "recode") and lam == 0):
+    if _is_plain(variant, lam):
         return inv / "plain"
     if variant == "official":
         return inv / "official"
@@ -54,7 +57,7 @@ def variant_root(world, variant: str, lam: float = 0.0) -> Path:
 def make_loss(world, concept, variant: str, lam: float, c: int | None = None):
     """The ``loss_fn`` of one variant for ``concept`` (None for plain TI)."""
     c = world.settings.anchors_c if c is None else c
-    if variant == "plain" or (variant in ("semantic", "recode") and lam == 0):
+    if _is_plain(variant, lam):
         return None
     if variant == "official":
         return OfficialAnchorLoss(world.pipe, concept.token, concept.superclass, lam)
@@ -69,7 +72,7 @@ def invert_cached(world, concept, variant: str = "semantic", lam: float = 0.0, s
     if path.exists() and not recompute:
         return path
     unload(world.pipe, concept.token)
-    config = replace(InversionConfig(steps=world.settings.inversion_steps), seed=seed)
+    config = InversionConfig(steps=world.settings.inversion_steps, seed=seed)
     res = invert(world.pipe, concept.photos, concept.token, concept.superclass, config,
                  loss_fn=make_loss(world, concept, variant, lam, c), progress=False)
     res.save(path)
