@@ -33,7 +33,7 @@ tutorial: install
 		echo "== $$nb"; \
 		TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 $(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1200 "$$nb" || exit 1; \
 	done
-	$(BIN)/nbstripout --keep-output --keep-count --extra-keys 'metadata.language_info' notebooks/*.ipynb
+	$(BIN)/nbstripout --keep-output --keep-count --extra-keys 'metadata.language_info' notebooks/*.ipynb notebooks/solutions/*.ipynb
 	@echo "All chapters ran; outputs are in notebooks/."
 
 test: install check-stripped
@@ -83,10 +83,10 @@ evaluate-world: install
 	$(BIN)/python -m compinv_utils.toy.evaluate --out $${COMPINV_TOY_DIR:-data/toy}/quality.json
 
 strip:
-	$(BIN)/nbstripout --keep-output --keep-count --extra-keys 'metadata.language_info' notebooks/*.ipynb
+	$(BIN)/nbstripout --keep-output --keep-count --extra-keys 'metadata.language_info' notebooks/*.ipynb notebooks/solutions/*.ipynb
 
 check-stripped: install
-	@$(BIN)/nbstripout --verify --keep-output --keep-count --extra-keys 'metadata.language_info' notebooks/*.ipynb \
+	@$(BIN)/nbstripout --verify --keep-output --keep-count --extra-keys 'metadata.language_info' notebooks/*.ipynb notebooks/solutions/*.ipynb \
 		|| { echo "Notebooks above carry volatile metadata: run 'make strip' and commit them."; exit 1; }
 
 site: install

@@ -47,23 +47,41 @@ class Claims:
         return line
 
 
-def load_or_compute(path: str | Path, compute: Callable[[], Any], recompute: bool = False) -> Any:
+def load_or_compute(path: str | Path, compute: Callable[[], Any], recompute: bool = False,
+                    merge: Callable[[Any, Any], Any] | None = None) -> Any:
     """The JSON result cached at ``path``, or ``compute()`` written there (atomically) and returned.
 
-    ``recompute=True`` computes anew; the old file is kept beside it as ``*.old.json`` until the new one is
-    written, so an interrupted run loses nothing. A file that is not valid JSON raises an error naming it.
+    ``recompute=True`` computes anew; the old file is first copied beside it as ``*.old.json`` (a backup that is
+    larger than the file is never overwritten: the copy then goes to ``*.old2.json`` …), so nothing is lost. A file
+    that is not valid JSON raises an error naming it. ``merge(on_disk, computed)``: what to write when the file
+    exists by the time the computation ends (another process may have written it meanwhile); the write holds a
+    lock on the folder (:func:`compinv_utils.files.locked`), so two processes never overwrite each other.
     """
+    from .files import backup, locked
+
     path = Path(path)
-    if path.exists() and not recompute:
+
+    def read() -> Any:
         try:
             return json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise ValueError(f"the cache {path} is not valid JSON ({exc}); delete it or run with "
                              "COMPINV_RECOMPUTE=1 to compute it again") from exc
-    if path.exists():
-        path.replace(path.with_suffix(".old.json"))
+
+    if path.exists() and not recompute:
+        return read()
+    with locked(path):
+        saved = backup(path)  # before computing: an interrupted computation loses nothing either
     value = compute()
-    write_text(path, json.dumps(value, indent=1))
+    with locked(path):
+        if path.exists() and merge is not None:
+            try:
+                value = merge(read(), value)
+            except ValueError:  # unreadable: it was kept as the backup
+                pass
+        if path.exists() and saved is None:  # another process wrote it while this one computed
+            backup(path)
+        write_text(path, json.dumps(value, indent=1))
     return value
 
 

@@ -62,7 +62,15 @@ class Layouts:
     nouns: Sequence[str] = field(default_factory=list)
 
     def boxes(self, pipe, first: str, second: str) -> tuple[L.Box, L.Box]:
+        """Boxes for two words: nouns of ``features`` as they are; a loaded placeholder (an added token such as
+        ``<mochi>``) by its nearest noun. Any other word is refused rather than mapped to a noun it is not."""
         nouns = list(self.nouns or self.features)
+        added = set(pipe.tokenizer.get_added_vocab())
+        for w in (first, second):
+            if w not in self.features and w not in added:
+                kind = ("a placeholder that is not loaded: load its embedding first" if w.startswith("<") else
+                        "neither one of the layout MLP's nouns nor a loaded placeholder")
+                raise ValueError(f"{w!r} is {kind} (the nouns: {', '.join(nouns[:12])}…)")
         a = first if first in self.features else L.nearest_noun(pipe, first, nouns)
         b = second if second in self.features else L.nearest_noun(pipe, second, nouns)
         return L.predict_boxes(self.mlp, self.features[a], self.features[b])
@@ -78,7 +86,12 @@ def load_layouts(world, path: str | Path | None = None) -> Layouts:
         raise FileNotFoundError(f"no layout MLP at {path}: run chapter 04 first")
     mlp, feature_name = L.load_layout_mlp(path)
     feats = E.input_embeddings if feature_name == "input embedding" else E.encoder_outputs
-    return Layouts(mlp, dict(zip(world.concepts, feats(world.pipe, world.concepts))))
+    features = dict(zip(world.concepts, feats(world.pipe, world.concepts)))
+    dim = next(iter(features.values())).shape[0]
+    if dim != mlp.dim:
+        raise ValueError(f"the layout MLP in {path} takes features of dimension {mlp.dim}, but the {world.name} world's "
+                         f"{feature_name}s have {dim}: it was trained in another world; run chapter 04 for this one")
+    return Layouts(mlp, features)
 
 
 def concept_pairs(world, concepts=None) -> list[tuple]:
@@ -187,6 +200,106 @@ def evaluate_group(world, setting: str, method: str, concepts: Sequence, partner
     return records
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")  # the files that make an inversion (logs aside)
+_HASHES: dict[tuple, str] = {}  # (file, size, mtime) -> sha256, so that a folder is read once per process
+
+
+def inversion_hash(folder: str | Path) -> str | None:
+    """A short sha256 over the weight files of an inversion folder (their relative names and contents; logs and
+    notes are left out), or None when the folder holds none (e.g. fits that a clone does not have)."""
+    import hashlib
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        memo = (str(f.resolve()), st.st_size, st.st_mtime_ns)
+        if memo not in _HASHES:
+            _HASHES[memo] = hashlib.sha256(f.read_bytes()).hexdigest()
+        h.update(f.relative_to(folder).as_posix().encode() + b"\0" + _HASHES[memo].encode())
+    return h.hexdigest()[:16]
+
+
+def _where(folder: str | Path) -> str:
+    """A folder as a cache records it: resolved, relative to :func:`~compinv_utils.world.data_root` when inside it
+    (so that every clone records the same), else absolute."""
+    from .world import data_root
+
+    folder = Path(folder).resolve()
+    try:
+        return folder.relative_to(data_root().resolve()).as_posix()
+    except ValueError:
+        return folder.as_posix()
+
+
+def _group_made_from(setting: str, method: str, concepts: Sequence, inv_seed: int, partners: list[str] | None,
+                     inversions: dict, hash_files: bool = True) -> dict:
+    """What one group of :func:`table1` is made from: its partner nouns and its inversions' file hashes."""
+    which = METHODS[method][0]
+    files = {c.name: (inversion_hash(inversion_folder(inversions[which], c.name, inv_seed))
+                      if hash_files and which in inversions else None) for c in concepts}
+    return {"partners": list(partners) if setting == "noun" else None, "files": files}
+
+
+def _recorded_partners(records: list[dict]) -> list[str]:
+    """The partner nouns of a noun group's records, in order."""
+    return list(dict.fromkeys(r["partner"] for r in records))
+
+
+def _group_changes(key: str, records: list[dict], stored: dict | None, now: dict) -> list[str]:
+    """What differs between a cached group and what it would be made from now ([] when nothing does). Partners are
+    also read from the records themselves; a file hash is compared only when both are known."""
+    out = []
+    if now["partners"] is not None:
+        had = (stored or {}).get("partners") or _recorded_partners(records)
+        if list(had) != list(now["partners"]):
+            out.append(f"partners {had} -> {now['partners']}")
+    for name, h in now["files"].items():
+        old = ((stored or {}).get("files") or {}).get(name)
+        if old is not None and h is not None and old != h:
+            out.append(f"the inversion files of {name} ({old} -> {h})")
+    return out
+
+
+def _cache_changes(made_from: dict | None, world_id: dict, where: dict) -> list[str]:
+    """What differs between the world and inversion folders a cache was made from and those asked for now."""
+    if made_from is None:
+        return []
+    out = []
+    if made_from.get("world") != world_id:
+        out.append(f"the world ({made_from.get('world')} -> {world_id})")
+    if made_from.get("inversions") != where:
+        out.append(f"the inversion folders ({made_from.get('inversions')} -> {where})")
+    return out
+
+
+def _write_cache(cache: Path, settings: dict, made_from: dict, done: dict, dropped: set[str]) -> None:
+    """Write a :func:`table1` cache under the folder's lock, keeping the groups another process added meanwhile
+    (when it was made from the same settings, world and folders)."""
+    from .files import locked
+
+    with locked(cache):
+        if cache.exists():
+            try:
+                stored = json.loads(cache.read_text())
+            except json.JSONDecodeError:
+                stored = {}
+            theirs = stored.get("made_from") or {}
+            if (stored.get("settings") == json.loads(json.dumps(settings)) and
+                    not _cache_changes(theirs, made_from["world"], made_from["inversions"])):
+                for key, recs in stored.get("groups", {}).items():
+                    if key not in done and key not in dropped:
+                        done[key] = recs
+                        if key in theirs.get("groups", {}):
+                            made_from["groups"].setdefault(key, theirs["groups"][key])
+        write_text(cache, json.dumps({"settings": settings, "made_from": made_from, "groups": done}, indent=0))
+
+
 def table1(world, partners_for, inversions: dict, layouts: Layouts, inv_seeds: Sequence[int] = (0, 1, 2),
            seeds: int = 2, pair_seeds: int = 2, methods: Sequence[str] = tuple(METHODS), concepts=None,
            cache: str | Path | None = None, guidance: GuidanceConfig = GuidanceConfig(),
@@ -196,8 +309,18 @@ def table1(world, partners_for, inversions: dict, layouts: Layouts, inv_seeds: S
     finished groups are read from it and each new group is written as soon as it is done, so an
     interrupted run resumes where it stopped; a cache made with other settings is refused.
 
+    The cache records what it was made from (``"made_from"``): the world (:func:`~compinv_utils.world.world_identity`),
+    the inversion folders (whole resolved paths, relative to the data folder when inside it) and, per group, its
+    partner nouns and the hash of each inversion's weight files (:func:`inversion_hash`). A cache made in another
+    world or from other folders is recomputed, and so is each group whose partners or inversion files changed,
+    with a printed message that says what differed (the old file is kept as ``*.old.json``). A cache from before
+    these records is checked against the partners its records name and stamped with the current files.
+
     ``inversion_method``: the block of Table 1 (``"ti"``, ``"custom_diffusion"``, ``"dreambooth"``; see
     :func:`evaluate_group`)."""
+    from .files import backup
+    from .world import shown_path, world_identity
+
     inv = get_method(inversion_method)
     concepts = list(world.concepts_of_interest if concepts is None else concepts)
     settings = {"seeds": seeds, "pair_seeds": pair_seeds, "guidance": asdict(guidance),
@@ -205,13 +328,48 @@ def table1(world, partners_for, inversions: dict, layouts: Layouts, inv_seeds: S
     if inv.name != "ti":  # TI's caches keep the settings they were made with
         settings["inversion_method"] = inv.name
     cache = Path(cache) if cache is not None else None
+    where = {k: _where(v) for k, v in sorted(inversions.items())}
+    made_from = {"world": world_identity(world), "inversions": where, "groups": {}}
     done: dict[str, list[dict]] = {}
+    stored_from: dict | None = None
+    dropped: set[str] = set()
     if cache is not None and cache.exists():
         done, made_with = _read_cache(cache)
         if json.loads(json.dumps(settings)) != made_with:
             raise ValueError(f"{cache} was made with other settings ({made_with}), not {settings}; "
                              "delete it or pass another cache file")
+        stored_from = json.loads(cache.read_text()).get("made_from")
+        changes = _cache_changes(stored_from, made_from["world"], where)
+        if changes:
+            print(f"Table 1 cache {shown_path(cache)} was made from {'; '.join(changes)}: recomputing all of it "
+                  f"(the old file is kept as {backup(cache).name})")
+            dropped, done, stored_from = set(done), {}, None
+        elif stored_from is not None:
+            made_from["groups"] = dict(stored_from.get("groups", {}))
     groups = table1_groups(world, methods, concepts, inv_seeds)
+    stale, stamped = [], False
+    for setting, method, cs, s in groups:
+        key = _group_key(setting, method, [c.name for c in cs], s)
+        if key not in done:
+            continue
+        partners = partners_for(cs[0]) if setting == "noun" else None
+        now = _group_made_from(setting, method, cs, s, partners, inversions)
+        changes = _group_changes(key, done[key], made_from["groups"].get(key), now)
+        if changes:
+            stale.append(f"{key}: {'; '.join(changes)}")
+            del done[key]
+            dropped.add(key)
+        elif made_from["groups"].get(key) is None:
+            made_from["groups"][key] = now  # a cache from before provenance records: stamp what it was checked against
+            stamped = True
+    if stale:
+        print(f"Table 1 cache {shown_path(cache)}: recomputing {len(stale)} group(s) whose inputs changed (the old "
+              f"file is kept as {backup(cache).name}): " + " | ".join(stale[:3]) + (" …" if len(stale) > 3 else ""))
+    if cache is not None and cache.exists() and stored_from is None and not dropped:
+        print(f"Table 1 cache {shown_path(cache)} records no provenance (made by an older version): its groups were "
+              "checked against their partners and are stamped with the current world and inversion files")
+    if cache is not None and stamped and not stale:
+        _write_cache(cache, settings, made_from, done, dropped)
     for setting, method, cs, s in bar(groups, desc="Table 1", progress=progress):
         key = _group_key(setting, method, [c.name for c in cs], s)
         if key in done:
@@ -219,9 +377,42 @@ def table1(world, partners_for, inversions: dict, layouts: Layouts, inv_seeds: S
         partners = partners_for(cs[0]) if setting == "noun" else []
         done[key] = evaluate_group(world, setting, method, cs, partners, seeds if setting == "noun" else pair_seeds,
                                    inversions, s, layouts, guidance, inversion_method=inv.name)
+        made_from["groups"][key] = _group_made_from(setting, method, cs, s, partners, inversions)
         if cache is not None:
-            write_text(cache, json.dumps({"settings": settings, "groups": done}, indent=0))
+            _write_cache(cache, settings, made_from, done, dropped)
     return [r for st, m, cs, s in groups for r in done[_group_key(st, m, [c.name for c in cs], s)]]
+
+
+def stamp_cache(world, cache: str | Path, partners_for, inversions: dict, concepts=None,
+                inversion_method: str = "ti", hash_files: bool = True) -> list[str]:
+    """Give a :func:`table1` cache made before provenance records its ``"made_from"`` without computing anything:
+    the world, the inversion folders, and per group the partners (checked against those its records name) and the
+    hashes of the inversion files as they are now (``hash_files=False``: recorded as unknown, e.g. for fits that
+    are not part of the repository). Groups whose records name other partners are left unstamped, and
+    :func:`table1` recomputes them. Idempotent: a cache that has provenance is left as it is. Returns the keys of
+    the groups left unstamped."""
+    from .world import world_identity
+
+    cache = Path(cache)
+    stored = json.loads(cache.read_text())
+    if stored.get("made_from") is not None:
+        return []
+    done = stored["groups"]
+    concepts = {c.name: c for c in (world.concepts_of_interest if concepts is None else concepts)}
+    made_from = {"world": world_identity(world), "inversions": {k: _where(v) for k, v in sorted(inversions.items())},
+                 "groups": {}}
+    left = []
+    for key, records in done.items():
+        setting, method, names, seed = key.split("|")
+        cs = [concepts[n] for n in names.split("+")]
+        partners = partners_for(cs[0]) if setting == "noun" else None
+        now = _group_made_from(setting, method, cs, int(seed[len("seed"):]), partners, inversions, hash_files)
+        if _group_changes(key, records, None, now):
+            left.append(key)
+        else:
+            made_from["groups"][key] = now
+    write_text(cache, json.dumps({"settings": stored["settings"], "made_from": made_from, "groups": done}, indent=0))
+    return left
 
 
 def table1_groups(world, methods: Sequence[str] = tuple(METHODS), concepts=None,

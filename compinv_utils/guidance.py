@@ -24,6 +24,11 @@ with ``σ_t² = (1 − ᾱ_t) / ᾱ_t``. Since ``∇_x L = √ᾱ_t ∇_z L``, t
 ``loss="official"`` is the official code's variant: the in-box ratio ``a`` per attention head, then
 ``(1 − a)²`` averaged over heads, tokens, words and layers (``compute_ca_loss`` in its
 ``utils/layout_control.py``).
+
+**Other guidances.** :func:`guided_generate` also samples with any :class:`Objective`: a per-sample loss on
+the cross-attention of one conditional UNet pass, plus its schedule (which steps, how many updates, the
+factor on the gradient, when a sample stops). ``L_loc`` with a :class:`GuidanceConfig` is one such objective;
+``compinv_utils.neighbours`` holds others (Attend-and-Excite, layout guidance).
 """
 
 from __future__ import annotations
@@ -87,6 +92,89 @@ def guided_step_count(config: GuidanceConfig, timesteps) -> int:
     return int(sum(float(t) >= config.guide_until_t for t in timesteps))
 
 
+class Objective:
+    """A guidance that :func:`guided_generate` samples with (subclass it). At each of the first
+    :meth:`guided_steps` reverse steps ``i`` (timestep ``t``) the latents ``z`` ``(B, C, h, w)`` are updated up to
+    :meth:`max_updates` times by ``z ← z − step_size · ∇_z Σ_b loss_b``, where :meth:`loss` is read from
+    the cross-attention of one conditional UNet pass; after each update a sample keeps going only while
+    :meth:`keep_going` holds for the loss it had before that update."""
+
+    #: which maps ``record=True`` averages and measures boxes in (resolution, heads, layers)
+    record_maps: GuidanceConfig = GuidanceConfig()
+
+    def check(self, num_steps: int) -> None:
+        """Raise a clear error where the settings do not fit ``num_steps`` denoising steps."""
+
+    def guided_steps(self, timesteps) -> int:
+        """How many first reverse steps are guided."""
+        raise NotImplementedError
+
+    def max_updates(self, i: int, n_steps: int) -> int:
+        """The most latent updates at guided step ``i`` of ``n_steps``."""
+        raise NotImplementedError
+
+    def step_size(self, i: int, timesteps, alphas_cumprod: torch.Tensor) -> float:
+        """The factor on ``∇_z L`` at step ``i`` (timestep ``timesteps[i]``; ``alphas_cumprod`` is the scheduler's ᾱ)."""
+        raise NotImplementedError
+
+    def keep_going(self, i: int, n_steps: int, loss: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` bool: which samples update again at step ``i`` of ``n_steps`` after an update from ``loss``
+        ``(B,)`` (the loss before that update)."""
+        raise NotImplementedError
+
+    def loss(self, store: AttentionStore, positions, boxes, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """Per-sample loss ``(B,)`` from the store's current (conditional, batch ``B``) call; ``positions[b]`` and
+        ``boxes[b]`` are sample ``b``'s word token positions and boxes."""
+        raise NotImplementedError
+
+    def score(self, maps: torch.Tensor, positions) -> torch.Tensor | None:
+        """What the guidance raises, per word: ``(B, words)`` from ``record_maps``' maps ``(B, T, h, w)`` of the
+        conditional half, recorded at every step with ``record=True`` (None: nothing to record)."""
+        return None
+
+
+class _Localisation(Objective):
+    """``L_loc`` (Eq. 8, or the official variant) on the schedule of a :class:`GuidanceConfig`."""
+
+    def __init__(self, config: GuidanceConfig):
+        self.config = self.record_maps = config
+
+    def check(self, num_steps: int) -> None:
+        check_config(self.config, num_steps)
+
+    def guided_steps(self, timesteps) -> int:
+        return guided_step_count(self.config, timesteps)
+
+    def max_updates(self, i: int, n_steps: int) -> int:
+        return self.config.inner_iters
+
+    def step_size(self, i: int, timesteps, alphas_cumprod: torch.Tensor) -> float:
+        # = η ᾱ_t σ_t²: the official LMS update in DDIM scale
+        return self.config.step_size * float(1 - alphas_cumprod[timesteps[i]])
+
+    def keep_going(self, i: int, n_steps: int, loss: torch.Tensor) -> torch.Tensor:
+        return loss >= self.config.stop_below
+
+    def loss(self, store, positions, boxes, latent_hw) -> torch.Tensor:
+        r = self.config.resolution or store.default_resolution()
+        masks = [_masks(bx, r, latent_hw, _device_of(store)) for bx in boxes]
+        return _batch_loss(store, r, self.config, positions, masks)
+
+
+def as_objective(config) -> Objective:
+    """``config`` as an :class:`Objective` (a :class:`GuidanceConfig` becomes ``L_loc`` on its schedule)."""
+    if isinstance(config, Objective):
+        return config
+    if isinstance(config, GuidanceConfig):
+        return _Localisation(config)
+    raise TypeError(f"config must be a GuidanceConfig or an Objective, got {type(config).__name__}")
+
+
+def _device_of(store: AttentionStore) -> torch.device:
+    """The device of the store's current maps (the CPU when it holds none)."""
+    return next(iter(store.maps.get(store.step, {}).values()), torch.empty(0)).device
+
+
 def localisation_loss(maps: torch.Tensor, positions: Sequence[Sequence[int]], masks: torch.Tensor,
                       official: bool = False) -> torch.Tensor:
     """``L_loc`` for attention ``maps`` ``(B, T, h, w)``, word token ``positions`` (one list per word) and
@@ -108,8 +196,30 @@ def localisation_loss(maps: torch.Tensor, positions: Sequence[Sequence[int]], ma
 
 
 def word_positions(tokenizer, prompt: str, words: Sequence[str]) -> list[list[int]]:
-    """Token positions of each word in the prompt (clear error when a word is absent)."""
-    return [token_indices(tokenizer, prompt, w) for w in words]
+    """Token positions of each word in the prompt (clear error when a word is absent). A word named twice ("a cat
+    and a cat" with words ``["cat", "cat"]``) takes its occurrences in order: the second ``"cat"`` is the second
+    cat of the prompt."""
+    out = []
+    for k, w in enumerate(words):
+        first = token_indices(tokenizer, prompt, w)
+        before = list(words[:k]).count(w)
+        if before == 0:
+            out.append(first)
+            continue
+        vocab = tokenizer.get_vocab()
+        extra = [f"{w}_{i}" for i in range(1, 64) if f"{w}_{i}" in vocab]  # as token_indices expands it
+        ids = tokenizer(prompt.replace(w, " ".join([w] + extra)) if extra else prompt).input_ids
+        target = ids[first[0]:first[-1] + 1]
+        starts = [s for s in range(len(ids) - len(target) + 1) if ids[s:s + len(target)] == target]
+        if len(starts) <= before:
+            raise ValueError(f"{w!r} is named {before + 1} times in words but occurs {len(starts)} time(s) in the "
+                             f"prompt {prompt!r}: name each object of the prompt once per occurrence")
+        start = starts[before]
+        if start + len(target) > tokenizer.model_max_length - 1:
+            raise ValueError(f"{w!r} (occurrence {before + 1}) is at token {start} of the prompt {prompt!r}, past the "
+                             f"{tokenizer.model_max_length - 1} tokens the text encoder reads; shorten the prompt")
+        out.append(list(range(start, start + len(target))))
+    return out
 
 
 def _layer_maps(store: AttentionStore, res: int, config: GuidanceConfig, keep_heads: bool = False) -> list[torch.Tensor]:
@@ -160,11 +270,13 @@ def _masks(boxes, res: int, latent_hw: tuple[int, int], device) -> torch.Tensor:
 
 
 def loss_and_grad(unet, store: AttentionStore, z: torch.Tensor, t, cond: torch.Tensor, positions, boxes,
-                  config: GuidanceConfig, scheduler=None) -> tuple[torch.Tensor, torch.Tensor]:
+                  config: GuidanceConfig | Objective, scheduler=None) -> tuple[torch.Tensor, torch.Tensor]:
     """One conditional UNet pass on latents ``z`` ``(B, ...)`` (requires grad) inside an active
     ``attention_store`` (made with ``keep_grad=True``). ``positions``/``boxes`` are one word list per
-    sample, or a single one shared by all samples. Returns per-sample ``L_loc`` ``(B,)`` (detached) and
-    ``∇_z Σ_b L_loc`` (samples are independent in the UNet, so each gets its own gradient)."""
+    sample, or a single one shared by all samples. Returns the per-sample loss ``(B,)`` (detached; ``L_loc``
+    for a :class:`GuidanceConfig`, else the :class:`Objective`'s) and ``∇_z Σ_b loss`` (samples are independent
+    in the UNet, so each gets its own gradient)."""
+    objective = as_objective(config)
     B = z.shape[0]
     if positions and isinstance(positions[0][0], int):  # one word list shared by the batch
         positions, boxes = [positions] * B, [boxes] * B
@@ -173,9 +285,7 @@ def loss_and_grad(unet, store: AttentionStore, z: torch.Tensor, t, cond: torch.T
         with torch.enable_grad():
             x = scheduler.scale_model_input(z, t) if scheduler is not None else z
             unet(x, t, cond)
-            r = config.resolution or store.default_resolution()
-            masks = [_masks(bx, r, tuple(z.shape[-2:]), z.device) for bx in boxes]
-            loss = _batch_loss(store, r, config, positions, masks)
+            loss = objective.loss(store, positions, boxes, tuple(z.shape[-2:]))
             (grad,) = torch.autograd.grad(loss.sum(), z)
     finally:
         store.maps.clear()
@@ -193,10 +303,12 @@ def _decode(pipe, latents):
 class GuidedOutput:
     """What :func:`guided_generate` returns.
 
-    ``losses``: ``(updates, n_images)`` ``L_loc`` at every guided update (NaN where a sample had stopped).
-    With ``record=True``: ``maps`` ``(n_images, n_words, h, w)``, each word's attention averaged over the
-    denoising steps (conditional branch, the layers that feed ``A_i``), and ``inside`` ``(steps, n_images,
-    n_words)``, the fraction of each word's attention mass inside its box at every denoising step.
+    ``losses``: ``(updates, n_images)`` ``L_loc`` (or the :class:`Objective`'s loss) at every guided update
+    (NaN where a sample had stopped). With ``record=True``: ``maps`` ``(n_images, n_words, h, w)``, each word's
+    attention averaged over the denoising steps (conditional branch, the layers that feed ``A_i``), and
+    ``inside`` ``(steps, n_images, n_words)``, the fraction of each word's attention mass inside its box at
+    every denoising step; ``scores`` ``(steps, n_images, n_words)``, what an :class:`Objective` raises per word
+    at every step (:meth:`Objective.score`; None when it records nothing, as for ``L_loc``).
     """
 
     images: list
@@ -204,6 +316,7 @@ class GuidedOutput:
     maps: torch.Tensor | None = None
     inside: np.ndarray | None = None
     passes: dict = field(default_factory=dict)
+    scores: np.ndarray | None = None
 
 
 def _depth(x) -> int:
@@ -224,7 +337,7 @@ def _per_prompt(words, boxes, n: int) -> tuple[list, list]:
 
 
 def guided_generate(world, prompts: Sequence[str], words, boxes, seeds: Sequence[int] | None = None, seed: int = 0,
-                    config: GuidanceConfig = GuidanceConfig(), batch_size: int = 8,
+                    config: GuidanceConfig | Objective = GuidanceConfig(), batch_size: int = 8,
                     num_inference_steps: int | None = None, guidance_scale: float | None = None,
                     height: int | None = None, width: int | None = None, record: bool = False,
                     progress: bool = False) -> GuidedOutput:
@@ -234,7 +347,8 @@ def guided_generate(world, prompts: Sequence[str], words, boxes, seeds: Sequence
     seed ``seeds[i]`` (default ``seed + i``) and the same initial noise as :meth:`World.generate`, so
     ``guided_steps=0`` reproduces the pipeline. ``record=True`` also records where each word attends
     during denoising (for guided and, with ``guided_steps=0``, plain sampling). The UNet's attention
-    processors are restored afterwards, also after an exception.
+    processors are restored afterwards, also after an exception. ``config`` may also be another
+    :class:`Objective` (e.g. Attend-and-Excite), sampled on its own schedule.
     """
     pipe = world.pipe
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -260,7 +374,8 @@ def guided_generate(world, prompts: Sequence[str], words, boxes, seeds: Sequence
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1 (an integer), got {steps!r} (None: the world's "
                          f"{world.num_inference_steps})")
-    check_config(config, steps)
+    objective = as_objective(config)
+    objective.check(steps)
     if not (cfg_scale >= 1 and math.isfinite(cfg_scale)):
         raise ValueError(f"guidance_scale must be >= 1 and finite (1 turns classifier-free guidance off), "
                          f"got {cfg_scale}")
@@ -280,7 +395,7 @@ def guided_generate(world, prompts: Sequence[str], words, boxes, seeds: Sequence
     f = pipe.vae_scale_factor
     h, w = (height or unet.config.sample_size * f) // f, (width or unet.config.sample_size * f) // f
     dev = "cpu" if device.type == "mps" else device
-    images, all_losses, all_maps, all_inside = [], [], [], []
+    images, all_losses, all_maps, all_inside, all_scores = [], [], [], [], []
     passes = {"cfg_forward": 0, "guided_forward": 0, "guided_backward": 0, "images": n}
     store = AttentionStore(keep_grad=True, keep_similarity=False, average_heads=False)
     with attention_store(unet, store):
@@ -293,21 +408,31 @@ def guided_generate(world, prompts: Sequence[str], words, boxes, seeds: Sequence
             sched.set_timesteps(steps, device=device)
             latents = latents * sched.init_noise_sigma
             alphas = sched.alphas_cumprod.to(device)
-            losses, maps_acc, inside, masks = [], None, [], None
-            n_guided = guided_step_count(config, sched.timesteps)
+            losses, maps_acc, inside, masks, scores = [], None, [], None, []
+            n_guided = objective.guided_steps(sched.timesteps)
             for i, t in enumerate(sched.timesteps):
                 if i < n_guided:
-                    scale = float(1 - alphas[t])  # = ᾱ_t σ_t²: the official LMS update in DDIM scale
+                    size = objective.step_size(i, sched.timesteps, alphas)
                     active = torch.ones(B, dtype=torch.bool, device=device)
-                    for _ in range(config.inner_iters):
+                    for _ in range(objective.max_updates(i, len(sched.timesteps))):
                         z = latents.detach().requires_grad_(True)
-                        loss, grad = loss_and_grad(unet, store, z, t, cond, positions[sl], boxes[sl], config, sched)
+                        loss, grad = loss_and_grad(unet, store, z, t, cond, positions[sl], boxes[sl], objective, sched)
                         passes["guided_forward"] += 1
                         passes["guided_backward"] += 1
                         losses.append(torch.where(active, loss, torch.nan).cpu().numpy())
-                        step = (config.step_size * scale * grad) * active.view(-1, 1, 1, 1).to(grad.dtype)
+                        step = (size * grad) * active.view(-1, 1, 1, 1).to(grad.dtype)
                         latents = (z - step).detach()
-                        active &= loss >= config.stop_below
+                        top = float(latents.detach().abs().max())
+                        if not math.isfinite(top) or top > 1e3 * float(sched.init_noise_sigma):
+                            hint = (f"lower GuidanceConfig.step_size (now {config.step_size:g}; the default is 30)"
+                                    if isinstance(config, GuidanceConfig) else
+                                    f"lower the {type(config).__name__}'s step size (the factor on the gradient "
+                                    f"is now {size:g})")
+                            raise FloatingPointError(  # latents start near N(0, σ²): these would decode to black
+                                f"guidance diverged at step {i} (t = {int(t)}): the latents reach {top:.3g} "
+                                f"({'localisation ' if isinstance(config, GuidanceConfig) else ''}loss "
+                                f"{loss.float().cpu().tolist()}), which would decode to a black image; {hint}")
+                        active &= objective.keep_going(i, len(sched.timesteps), loss)
                         if not active.any():
                             break
                 store.enabled = record
@@ -316,10 +441,14 @@ def guided_generate(world, prompts: Sequence[str], words, boxes, seeds: Sequence
                     eps = unet(x, t, torch.cat([uncond, cond])).sample
                     passes["cfg_forward"] += 1
                     if record:
-                        r = config.resolution or store.default_resolution()
-                        m = torch.stack(_layer_maps(store, r, config)).mean(0)[B:]  # conditional half
-                        m = torch.stack([torch.stack([m[b, pos].mean(0) for pos in positions[sl][b]])
+                        view = objective.record_maps
+                        r = view.resolution or store.default_resolution()
+                        full = torch.stack(_layer_maps(store, r, view)).mean(0)[B:]  # conditional half
+                        m = torch.stack([torch.stack([full[b, pos].mean(0) for pos in positions[sl][b]])
                                          for b in range(B)])  # (B, words, h, w)
+                        score = objective.score(full, positions[sl])
+                        if score is not None:
+                            scores.append(score.float().cpu().numpy())
                         if masks is None:  # the boxes do not change over the steps
                             masks = torch.stack([_masks(bx, r, (h, w), device) for bx in boxes[sl]])
                         inside.append(((m * masks).sum((-1, -2)) / m.sum((-1, -2)).clamp(min=1e-12)).cpu().numpy())
@@ -328,14 +457,24 @@ def guided_generate(world, prompts: Sequence[str], words, boxes, seeds: Sequence
                     store.enabled = False
                     e_u, e_c = eps.chunk(2)
                     latents = sched.step(e_u + cfg_scale * (e_c - e_u), t, latents).prev_sample
+            if not bool(torch.isfinite(latents).all()):
+                raise FloatingPointError("sampling diverged: the final latents hold NaN or infinite values, which would "
+                                         "decode to a black image (in float16, try float32; lower the guidance scale "
+                                         f"{cfg_scale:g} or " + (f"GuidanceConfig.step_size {config.step_size:g})"
+                                                                  if isinstance(config, GuidanceConfig) else
+                                                                  f"the {type(config).__name__}'s step size)"))
             images += _decode(pipe, latents)
             all_losses.append(np.array(losses).reshape(len(losses), B))
             if record:
                 all_maps.append((maps_acc / len(sched.timesteps)).float().cpu())
                 all_inside.append(np.stack(inside))
+                if scores:
+                    all_scores.append(np.stack(scores))
     out = GuidedOutput(images, np.concatenate(all_losses, 1), passes=passes)
     if record:
         out.maps, out.inside = torch.cat(all_maps), np.concatenate(all_inside, 1)
+        if all_scores:
+            out.scores = np.concatenate(all_scores, 1)
     return out
 
 

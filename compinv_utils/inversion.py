@@ -294,21 +294,88 @@ def _digest(x: torch.Tensor | None) -> str | None:
     return hashlib.sha256(str(a.shape).encode() + a.tobytes()).hexdigest()[:16]
 
 
-def loss_identity(loss_fn) -> dict:
-    """What a checkpoint records of ``loss_fn``: its type (or function) name and its settings —
-    ``loss_fn.describe()`` when it has one, else its plain public attributes (numbers, text, lists)."""
+def _setting(v, depth: int = 0, containers: bool = True):
+    """A JSON-able stand-in for a value a loss is made from: plain values as they are, tensors and arrays by digest,
+    objects and functions by their identity (:func:`loss_identity`), anything else by its type. ``containers=False``
+    (a closure's or a module's variables): lists and dicts, which a function may use as mutable state (a counter, a
+    switch), count by their type only."""
+    plain = (bool, int, float, str, type(None))
+    if isinstance(v, plain):
+        return v
+    if isinstance(v, tuple) and len(v) <= 1000:
+        return [_setting(x, depth + 1) for x in v]
+    if containers and isinstance(v, list) and len(v) <= 1000:
+        return [_setting(x, depth + 1) for x in v]
+    if containers and isinstance(v, dict) and len(v) <= 1000:
+        return {str(k): _setting(x, depth + 1) for k, x in sorted(v.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(v, torch.Tensor):
+        return {"tensor": _digest(v.float())}
+    if isinstance(v, np.ndarray):
+        return {"array": _digest(torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)))}
+    if isinstance(v, numbers.Number):
+        return float(v)
+    if depth < 3 and callable(v) and not inspect.isclass(v) and not inspect.ismodule(v):
+        return loss_identity(v, depth + 1)
+    return {"type": f"{type(v).__module__}.{type(v).__qualname__}"}
+
+
+def _function_settings(fn, depth: int) -> dict:
+    """What a plain function (or closure, or lambda) computes with: the values it closes over, the module-level
+    names it reads (not modules, classes or functions of a library) and its defaults, and a hash of its code."""
+    code = fn.__code__
+    out = {"code": hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()[:16]}
+    cells = dict(zip(code.co_freevars, fn.__closure__ or ()))
+    closure = {}
+    for name, cell in cells.items():
+        try:
+            closure[name] = _setting(cell.cell_contents, depth, containers=False)
+        except ValueError:  # an empty cell
+            closure[name] = None
+    if closure:
+        out["closure"] = closure
+    names = {}
+    for name in code.co_names:
+        if name in fn.__globals__:
+            v = fn.__globals__[name]
+            if not (inspect.ismodule(v) or inspect.isclass(v) or inspect.isbuiltin(v)):
+                names[name] = _setting(v, depth, containers=False)
+    if names:
+        out["globals"] = names
+    if fn.__defaults__:
+        out["defaults"] = _setting(list(fn.__defaults__), depth)
+    if fn.__kwdefaults__:
+        out["kwdefaults"] = _setting(fn.__kwdefaults__, depth)
+    return out
+
+
+def loss_identity(loss_fn, depth: int = 0) -> dict:
+    """What a checkpoint records of ``loss_fn``, so that a resume with another loss is refused: its type (or
+    function) name and its settings — ``loss_fn.describe()`` when it has one; for a function (closure, lambda,
+    ``functools.partial``) the values it closes over, the module-level values it reads, its defaults and a hash of
+    its code (a closure over another λ differs); for an object its public attributes (numbers, text, lists;
+    tensors by digest)."""
+    import functools
+
     if loss_fn is None:
         return {"name": "reconstruction", "settings": {}}
+    if isinstance(loss_fn, functools.partial):
+        return {"name": "functools.partial", "settings": {"func": _setting(loss_fn.func, depth),
+                                                          "args": _setting(list(loss_fn.args), depth),
+                                                          "keywords": _setting(dict(loss_fn.keywords), depth)}}
+    if inspect.ismethod(loss_fn):
+        return {"name": f"{type(loss_fn.__self__).__qualname__}.{loss_fn.__name__}",
+                "settings": {"self": loss_identity(loss_fn.__self__, depth + 1)["settings"],
+                             "function": _function_settings(loss_fn.__func__, depth + 1)}}
     kind = loss_fn if inspect.isfunction(loss_fn) else type(loss_fn)
     name = f"{kind.__module__}.{kind.__qualname__}"
     if callable(getattr(loss_fn, "describe", None)):
         settings = loss_fn.describe()
+    elif inspect.isfunction(loss_fn):
+        settings = _function_settings(loss_fn, depth)
     else:
-        plain = (bool, int, float, str)
-        settings = {k: v for k, v in sorted(getattr(loss_fn, "__dict__", {}).items())
-                    if not k.startswith("_") and k != "last_log" and (
-                        isinstance(v, plain) or (isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v)))}
-        if not settings and not inspect.isfunction(loss_fn):
+        settings = {k: _setting(v, depth + 1) for k, v in sorted(getattr(loss_fn, "__dict__", {}).items())
+                    if not k.startswith("_") and k not in ("last_log", "delta", "pipe", "ids_token")}
+        if not settings:
             settings = {"repr": re.sub(r" at 0x[0-9a-fA-F]+", "", repr(loss_fn))}
     return {"name": name, "settings": json.loads(json.dumps(settings, default=str))}
 
@@ -416,6 +483,7 @@ def invert_with(pipe, photos: Sequence[Image.Image], token: str, superclass: str
         handle = emb.register_forward_hook(_InjectRows(ids, rows))
         result = _train(pipe, pixels, mask_t, token, tokens, superclass, config, loss_fn, rows, ckpt, made_from,
                         resume, progress, extras)
+        _check_norm(pipe, ids, rows, config.lr)
         with torch.no_grad():
             emb.weight[ids] = rows.detach().to(emb.weight.dtype)
         result.embeddings = emb.weight[ids].detach().float().cpu().clone()
@@ -466,6 +534,7 @@ def _train(pipe, pixels, mask_t, token, tokens, superclass, config, loss_fn, row
     alphas = sched.alphas_cumprod.to(device)
     n_train = sched.config.num_train_timesteps
     word = " ".join(tokens) + (f" {superclass}" if config.with_superclass else "")
+    _check_templates(pipe.tokenizer, config.templates, word, tokens)
     if prior is not None:
         with torch.no_grad():
             pdist = vae.encode(prior.prior_pixels.to(device, vae.dtype)).latent_dist
@@ -568,6 +637,32 @@ def _train(pipe, pixels, mask_t, token, tokens, superclass, config, loss_fn, row
                             loss_state=loss_fn.state_dict() if hasattr(loss_fn, "state_dict") else None), ckpt)
     te.eval()
     return InversionResult(token, tokens, superclass, rows.detach().float().cpu().clone(), losses, asdict(config), log)
+
+
+def _check_templates(tokenizer, templates, word: str, tokens: list[str]) -> None:
+    """Every template keeps the placeholder within the tokens the text encoder reads (a longer prompt is cut at
+    ``model_max_length``, and a placeholder past the cut would learn nothing)."""
+    limit = tokenizer.model_max_length - 1  # the last position holds the end token
+    last = tokenizer.convert_tokens_to_ids(tokens[-1])
+    for t in templates:
+        ids = tokenizer(t.format(word)).input_ids
+        pos = [i for i, x in enumerate(ids) if x == last]
+        if not pos or pos[-1] >= limit:
+            raise ValueError(f"template {t!r} puts the placeholder at token {pos[-1] if pos else '?'} of {len(ids)}, past "
+                             f"the {limit} tokens the text encoder reads: shorten the template")
+
+
+def _check_norm(pipe, ids: list[int], rows: torch.Tensor, lr: float) -> None:
+    """Refuse an embedding that ran away: a norm over 100 times the largest of the vocabulary's rows (a learned
+    row is usually a few times a word's) comes from a learning rate far too high, and would be saved as garbage."""
+    w = pipe.text_encoder.get_input_embeddings().weight.detach()
+    keep = torch.ones(len(w), dtype=torch.bool, device=w.device)
+    keep[torch.tensor(ids, device=w.device)] = False
+    top = float(w[keep].float().norm(dim=-1).max())
+    got = float(rows.detach().float().norm(dim=-1).max())
+    if not math.isfinite(got) or got > 100 * top:
+        raise FloatingPointError(f"the learned embedding diverged: its norm is {got:.3g}, {got / top:.3g} times the "
+                                 f"largest word's ({top:.3g}); lower the learning rate (now {lr:g}; the default is 5e-3)")
 
 
 def _plain(x):

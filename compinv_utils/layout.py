@@ -9,9 +9,10 @@ Records (JSON lines, one per image where *both* nouns were found)::
     {"prompt": "a cat and a kite", "a": "cat", "b": "kite", "template": "{a} and {b}", "seed": 3,
      "box_a": [x0, y0, x1, y1], "box_b": [...], "score_a": 0.98, "score_b": 0.91}
 
-Generation is resumable: a ``<file>.done`` file lists every job tried (found or not). Both files are
-rewritten atomically after each batch; a partial last line (from older, appending versions) is dropped
-on resume. It shards over processes with
+Generation is resumable: a ``<file>.done`` file lists every job tried (found or not) and ``<file>.missed``
+those whose nouns were not both found. The files are merged with what is on disk and rewritten atomically
+after each batch, under a lock on the folder, so processes that share them lose nothing; a partial last
+line (from older, appending versions) is dropped on resume. It shards over processes with
 ``accelerate`` (``torchrun --nproc_per_node N``): each process writes its own part, and the main
 process merges them.
 """
@@ -113,10 +114,16 @@ def _read_lines(path: Path) -> tuple[list[dict], int]:
             rec = json.loads(line)
             check_box(rec["box_a"], "box_a")
             check_box(rec["box_b"], "box_b")
+            _key(rec)
             good.append(rec)
         except (json.JSONDecodeError, KeyError, ValueError, TypeError):
             bad += 1
     return good, bad
+
+
+def _key(record: dict) -> str:
+    """The job key of a record."""
+    return Job(str(record["a"]), str(record["b"]), str(record["template"]), int(record["seed"])).key
 
 
 def read_records(path: str | Path) -> list[dict]:
@@ -142,21 +149,100 @@ def _sorted(records: list[dict]) -> list[dict]:
     return sorted(records, key=lambda r: (r["a"], r["b"], r["template"], r["seed"]))
 
 
+def _sidecars(path: Path) -> tuple[Path, Path]:
+    """``<file>.done`` (every job tried) and ``<file>.missed`` (the tried jobs whose nouns were not both found)."""
+    return path.with_suffix(path.suffix + ".done"), path.with_suffix(path.suffix + ".missed")
+
+
+def _lines(path: Path) -> list[str]:
+    return [x for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def _state(path: Path) -> tuple[list[dict], int, list[str], set[str] | None]:
+    """What is on disk: the records, how many lines were not records, the tried jobs (in order) and the missed ones
+    (None for files written before misses were listed)."""
+    done_path, missed_path = _sidecars(path)
+    records, bad = _read_lines(path) if path.exists() else ([], 0)
+    return records, bad, _lines(done_path), set(_lines(missed_path)) if missed_path.exists() else None
+
+
+def _finished(path: Path, records: list[dict], bad: int, done: list[str], missed: set[str] | None) -> tuple[set[str], str]:
+    """The keys of the jobs that need no work, and a warning ("" when none) when jobs marked tried must be made
+    again because their records are gone (a deleted, emptied or corrupt records file)."""
+    done_path = _sidecars(path)[0]
+    have = {_key(r) for r in records}
+    if not done:
+        return have, ""
+    if not path.exists():
+        return have, (f"{path} is missing but {done_path} lists {len(done)} tried jobs: generating them again")
+    if missed is None:  # older files: no list of misses; an empty records file beside tried jobs is lost work
+        if not records:
+            return have, (f"{path} holds no records but {done_path} lists {len(done)} tried jobs (an emptied or "
+                          "corrupt file?): generating them again")
+        return have | set(done), ""
+    lost = [k for k in done if k not in have and k not in missed]
+    msg = (f"{len(lost)} job(s) that {done_path} lists as tried and found are missing from {path} (an emptied or "
+           "corrupt file?): generating them again") if lost else ""
+    return have | (set(done) & missed), msg
+
+
+def _merge_write(path: Path, records: list[dict], done: list[str], missed: set[str]) -> list[dict]:
+    """Under the folder's lock: merge ``records`` and the tried / missed job keys with what is on disk now (another
+    process may have written meanwhile), write all three files atomically and return every record."""
+    from .files import locked
+
+    with locked(path):
+        disk, _, disk_done, disk_missed = _state(path)
+        out, seen = [], set()
+        for r in disk + records:
+            k = _key(r)
+            if k not in seen:
+                seen.add(k)
+                out.append(r)
+        tried = list(dict.fromkeys(disk_done + done))
+        miss = (_misses(disk, disk_done, disk_missed) | set(missed)) - seen
+        _write_records(path, out)  # records first: a job kept but not yet marked tried is skipped anyway
+        _write_marks(path, tried, miss)
+    return out
+
+
+def _misses(records: list[dict], done: list[str], missed: set[str] | None) -> set[str]:
+    """The missed jobs; for files written before misses were listed, the tried jobs without a record."""
+    if missed is not None:
+        return set(missed)
+    have = {_key(r) for r in records}
+    return {k for k in done if k not in have}
+
+
+def _write_marks(path: Path, tried: list[str], missed: set[str]) -> None:
+    from .files import write_text
+
+    done_path, missed_path = _sidecars(path)
+    write_text(missed_path, "".join(k + "\n" for k in tried if k in missed))
+    write_text(done_path, "".join(k + "\n" for k in tried))
+
+
 def generate_records(world, jobs: Sequence[Job], path: str | Path, batch_size: int = 32, threshold: float = 0.5,
                      progress: bool = True) -> list[dict]:
-    """Generate and detect ``jobs`` (skipping those listed in ``<path>.done``), adding kept records to
-    ``path``. Returns every record in the file.
+    """Generate and detect ``jobs`` (skipping those already tried), adding kept records to ``path``. Returns every
+    record in the file.
 
-    After each batch the records file and the ``.done`` file are rewritten atomically (temporary file,
-    then ``os.replace``), so an interruption never truncates them. A ``.done`` file whose records file
-    is gone is ignored (with a warning) and everything is generated again; a file none of whose lines
-    is a record is refused rather than overwritten.
+    ``<path>.done`` lists every job tried and ``<path>.missed`` those whose nouns were not both found. After each
+    batch the three files are merged with what is on disk and rewritten atomically while holding a lock on the
+    folder (:func:`compinv_utils.files.locked`), so an interruption never truncates them and processes that share
+    the file lose nothing (each skips the jobs the others finished). A job listed as tried whose record is gone
+    (records file deleted, emptied or corrupt) is generated again, with a warning; a file none of whose lines is a
+    record is refused rather than overwritten.
     """
-    from .files import write_text
+    import warnings
+
+    from .files import locked
 
     if isinstance(jobs, Job):
         raise TypeError("jobs must be a list of Job; wrap a single job in a list")
     jobs = list(jobs)
+    if not all(isinstance(j, Job) for j in jobs):
+        raise TypeError("jobs must be a list of Job (see layout_jobs)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if not 0.0 <= threshold <= 1.0:
@@ -164,48 +250,47 @@ def generate_records(world, jobs: Sequence[Job], path: str | Path, batch_size: i
     for j in jobs:
         world.check_nouns([j.a, j.b])
     path = Path(path)
-    done_path = path.with_suffix(path.suffix + ".done")
-    done_lines = done_path.read_text().splitlines() if done_path.exists() else []
-    if path.exists():
-        records, bad = _read_lines(path)
-        if bad and not records and bad > 1:
-            raise ValueError(f"{path} holds {bad} lines and none is a layout record; it is not a records file: "
-                             "move it away or pass another path")
-        if bad:
-            import warnings
-
-            warnings.warn(f"{path}: skipped {bad} corrupt or partial line(s); {len(records)} records kept")
-    else:
-        records, bad = [], 0
-        if done_lines:
-            import warnings
-
-            warnings.warn(f"{path} is missing but {done_path} lists {len(done_lines)} tried jobs: "
-                          "generating them again")
-            done_lines = []
-    done = set(done_lines) | {Job(r["a"], r["b"], r["template"], r["seed"]).key for r in records}
-    todo = [j for j in jobs if j.key not in done]
+    with locked(path):
+        records, bad, done, missed = _state(path)
+    if bad and not records and bad > 1:
+        raise ValueError(f"{path} holds {bad} lines and none is a layout record; it is not a records file: "
+                         "move it away or pass another path")
+    if bad:
+        warnings.warn(f"{path}: skipped {bad} corrupt or partial line(s); {len(records)} records kept")
+    finished, lost = _finished(path, records, bad, done, missed)
+    if lost:
+        warnings.warn(lost)
+    todo = [j for j in jobs if j.key not in finished]
     if not todo:
         return records
-    if bad:
-        _write_records(path, records)  # without the partial or corrupt lines
+    if bad or lost:  # drop the corrupt lines and forget the lost jobs' "tried" marks
+        with locked(path):
+            _write_records(path, records)
+            _write_marks(path, [k for k in done if k in finished], _misses(records, done, missed))
     for i in bar(range(0, len(todo), batch_size), desc="layout data", progress=progress):
         chunk = todo[i:i + batch_size]
+        with locked(path):  # another process sharing the file may have done some of them meanwhile
+            now = _state(path)
+        chunk = [j for j in chunk if j.key not in _finished(path, *now)[0]]
+        if not chunk:
+            continue
         images = world.generate([j.prompt() for j in chunk], seeds=[j.seed for j in chunk], batch_size=batch_size)
+        new, miss = [], set()
         for j, dets in zip(chunk, world.detect(images, threshold)):
             best = {}
             for label, box, score in dets:
                 if label in (j.a, j.b) and score > best.get(label, (None, -1))[1]:
                     best[label] = (box, score)
             if j.a in best and j.b in best:
-                records.append({"prompt": j.prompt(), "a": j.a, "b": j.b, "template": j.template, "seed": j.seed,
-                                "box_a": [round(v, 5) for v in best[j.a][0]],
-                                "box_b": [round(v, 5) for v in best[j.b][0]],
-                                "score_a": round(best[j.a][1], 4), "score_b": round(best[j.b][1], 4)})
-        _write_records(path, records)  # records first: a job kept but not yet marked done is skipped anyway
-        done_lines += [j.key for j in chunk]
-        write_text(done_path, "".join(k + "\n" for k in done_lines))
-    return records
+                new.append({"prompt": j.prompt(), "a": j.a, "b": j.b, "template": j.template, "seed": j.seed,
+                            "box_a": [round(v, 5) for v in best[j.a][0]],
+                            "box_b": [round(v, 5) for v in best[j.b][0]],
+                            "score_a": round(best[j.a][1], 4), "score_b": round(best[j.b][1], 4)})
+            else:
+                miss.add(j.key)
+        records = _merge_write(path, new, [j.key for j in chunk], miss)
+    with locked(path):
+        return _state(path)[0]
 
 
 def generate_layout_dataset(world, jobs: Sequence[Job], path: str | Path, batch_size: int = 32,
@@ -214,12 +299,16 @@ def generate_layout_dataset(world, jobs: Sequence[Job], path: str | Path, batch_
     (one process without a launcher). The main process merges the parts into ``path`` (sorted)."""
     from accelerate import PartialState
 
+    from .files import locked
+
     state = PartialState(cpu=world.device.type == "cpu")
     path = Path(path)
     if state.num_processes == 1:
-        records = generate_records(world, jobs, path, batch_size, progress=progress)
-        _write_records(path, _sorted(records))
-        return _sorted(records)
+        generate_records(world, jobs, path, batch_size, progress=progress)
+        with locked(path):
+            records = _sorted(_state(path)[0])
+            _write_records(path, records)
+        return records
     part = path.with_name(f"{path.stem}.part{state.process_index}of{state.num_processes}{path.suffix}")
     with state.split_between_processes(list(jobs)) as mine:
         generate_records(world, mine, part, batch_size, progress=progress and state.is_main_process)
@@ -228,10 +317,29 @@ def generate_layout_dataset(world, jobs: Sequence[Job], path: str | Path, batch_
     if state.is_main_process:
         for r in range(state.num_processes):
             records += read_records(path.with_name(f"{path.stem}.part{r}of{state.num_processes}{path.suffix}"))
-        records = _sorted(records)
-        _write_records(path, records)
+        with locked(path):
+            records = _sorted({_key(r): r for r in read_records(path) + records}.values())
+            _write_records(path, records)
     state.wait_for_everyone()
     return records if state.is_main_process else read_records(path)
+
+
+def migrate_missed(path: str | Path) -> bool:
+    """Give a records file written before misses were listed its ``<file>.missed``: the tried jobs (``.done``) that
+    have no record. Idempotent; returns whether it wrote the file."""
+    from .files import locked
+
+    path = Path(path)
+    done_path, missed_path = _sidecars(path)
+    with locked(path):
+        if missed_path.exists() or not done_path.exists() or not path.exists():
+            return False
+        records, bad, done, _ = _state(path)
+        if bad or not records:
+            raise ValueError(f"{path} has {bad} corrupt line(s) and {len(records)} records: its misses cannot be "
+                             "told from lost records; regenerate it")
+        _write_marks(path, done, _misses(records, done, None))
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +349,12 @@ def generate_layout_dataset(world, jobs: Sequence[Job], path: str | Path, batch_
 
 def split_by_pair(records: Sequence[dict], test_frac: float = 0.2, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Train/test split in which no unordered noun pair appears on both sides."""
+    if not 0 < test_frac < 1:
+        raise ValueError(f"test_frac is the share of noun pairs held out and must be in (0, 1), got {test_frac}")
     pairs = sorted({tuple(sorted((r["a"], r["b"]))) for r in records})
+    if len(pairs) < 2:
+        raise ValueError(f"{len(records)} records of {len(pairs)} noun pair(s): a split by pair needs records of at "
+                         "least two pairs (generate the layout data set first: generate_layout_dataset)")
     rng = np.random.default_rng(seed)
     test_pairs = {pairs[i] for i in rng.choice(len(pairs), max(1, round(test_frac * len(pairs))), replace=False)}
     train = [r for r in records if tuple(sorted((r["a"], r["b"]))) not in test_pairs]
@@ -279,6 +392,14 @@ def train_layout_mlp(train: Sequence[dict], features: dict[str, torch.Tensor], s
                      batch_size: int = 128, seed: int = 0, progress: bool = False) -> tuple[LayoutMLP, list[float]]:
     """Fit a :class:`LayoutMLP` on records with per-noun feature vectors ``features[noun]`` ``(D,)``.
     Each record is also used with its two nouns swapped. Returns the model and the loss curve."""
+    train = list(train)
+    if not train:
+        raise ValueError("no training records: pass layout records (read_records / split_by_pair), not an empty list")
+    missing = sorted({n for r in train for n in (r["a"], r["b"])} - set(features))
+    if missing:
+        raise ValueError(f"the records name noun(s) {missing[:10]} that have no feature vector in features "
+                         f"({len(features)} nouns): compute the features of every noun of the records")
+    _check_features(features, "features")
     torch.manual_seed(seed)
     nouns = sorted(features)
     idx = {n: i for i, n in enumerate(nouns)}
@@ -306,9 +427,25 @@ def train_layout_mlp(train: Sequence[dict], features: dict[str, torch.Tensor], s
     return model.eval(), losses
 
 
+def _check_features(features: dict, what: str) -> None:
+    """Every feature vector is 1-D, of one dimension, finite and non-zero (they are normalised to unit length)."""
+    dims = {tuple(v.shape) for v in features.values()}
+    if len(dims) != 1 or len(next(iter(dims))) != 1:
+        raise ValueError(f"{what} must be vectors (D,) of one dimension, got shapes {sorted(dims)}")
+    bad = [n for n, v in features.items() if not bool(torch.isfinite(v).all()) or float(v.float().norm()) == 0]
+    if bad:
+        raise ValueError(f"{what} of {bad[:10]} are zero, NaN or infinite: a layout needs a direction to normalise")
+
+
 @torch.no_grad()
 def predict_boxes(model: LayoutMLP, feat_i: torch.Tensor, feat_j: torch.Tensor) -> tuple[Box, Box]:
     """Boxes for two feature vectors ``(D,)`` (normalised as in training)."""
+    for name, f in (("feat_i", feat_i), ("feat_j", feat_j)):
+        if f.dim() != 1 or f.shape[0] != model.dim:
+            raise ValueError(f"{name} has shape {tuple(f.shape)} but this layout MLP takes vectors ({model.dim},): "
+                             "use the features it was trained on (load_layout_mlp says which)")
+        if not bool(torch.isfinite(f).all()) or float(f.float().norm()) == 0:
+            raise ValueError(f"{name} is zero, NaN or infinite: a layout needs a feature with a direction")
     fi, fj = (f.float() / f.float().norm() for f in (feat_i, feat_j))
     out = model(fi[None], fj[None])[0]
     return tuple(out[0].tolist()), tuple(out[1].tolist())
@@ -316,6 +453,10 @@ def predict_boxes(model: LayoutMLP, feat_i: torch.Tensor, feat_j: torch.Tensor) 
 
 def mean_iou(pred: Sequence[tuple[Box, Box]], records: Sequence[dict]) -> float:
     """Mean IoU over both boxes of every record."""
+    if len(pred) != len(records):
+        raise ValueError(f"{len(pred)} predictions for {len(records)} records: predict one pair of boxes per record")
+    if not records:
+        raise ValueError("no records to score")
     ious = [box_iou(p[0], r["box_a"]) for p, r in zip(pred, records)]
     ious += [box_iou(p[1], r["box_b"]) for p, r in zip(pred, records)]
     return float(np.mean(ious))
@@ -339,14 +480,30 @@ def load_layout_mlp(path: str | Path) -> tuple[LayoutMLP, str]:
         raise ValueError(f"layout MLP file {path} lacks state_dict/dim/features/nouns; {fix}")
     model = LayoutMLP(blob["dim"])
     model.register_buffer("features", torch.zeros(len(blob["nouns"]), blob["dim"]))
-    model.load_state_dict(blob["state_dict"])
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise ValueError(f"layout MLP file {path} does not hold a layout MLP of dimension {blob['dim']} (its weights "
+                         f"do not fit: {str(exc)[:200]}); {fix}") from exc
     model.nouns = blob["nouns"]
     return model.eval(), blob["features"]
 
 
 def nearest_noun(pipe, word: str, nouns: Sequence[str]) -> str:
-    """The noun whose input embedding is most cosine-similar to ``word``'s (e.g. an inverted ``S*``)."""
+    """The noun whose input embedding is most cosine-similar to ``word``'s (e.g. an inverted ``S*``). The word must
+    be one token of the pipeline's tokenizer (a loaded placeholder, or a word of its vocabulary): a placeholder that
+    is not loaded would otherwise be read as the pieces it splits into."""
     from .embeddings import input_embeddings
+
+    if not nouns:
+        raise ValueError("no nouns to choose from")
+    tok = pipe.tokenizer
+    if word not in tok.get_vocab():
+        pieces = tok.convert_ids_to_tokens(tok(word, add_special_tokens=False).input_ids)
+        if len(pieces) != 1 or pieces[0] == tok.unk_token:
+            raise ValueError(f"{word!r} is not a token of the pipeline (it splits into {pieces}): "
+                             + ("load its embedding first (load_embedding, or the method's load)" if word.startswith("<")
+                                else "use a one-token word or a loaded placeholder"))
 
     e = input_embeddings(pipe, [word])[0]
     V = input_embeddings(pipe, list(nouns))

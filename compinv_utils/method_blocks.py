@@ -15,7 +15,6 @@ Semantic inversion is the method's fit with :class:`~compinv_utils.anchors.Ancho
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from dataclasses import asdict, replace
@@ -30,7 +29,7 @@ from .files import write_text
 from .methods import get_method
 from .methods.base import INFO_FILE
 from .progress import bar
-from .world import shown_path
+from .world import shown_path, weights_hash
 
 VARIANTS = ("plain", "semantic")
 
@@ -39,23 +38,10 @@ WORLD_FILE = "world.json"  # beside the fits: the fingerprint of the world they 
 
 
 def world_fingerprint(world) -> str:
-    """A short hash of the world's UNet and text encoder weights (names, shapes and each tensor's first values).
-
-    Fits made in one version of a world are meaningless in another (a retrained UNet draws other images from the
-    same fitted weights); the fingerprint lets the fits folder say which world it belongs to. Attention
-    processors (Custom Diffusion's weights) and the token-embedding rows added for loaded concepts are left out,
-    so the fingerprint is the same with or without concepts loaded.
-    """
-    h = hashlib.sha256()
-    emb = world.pipe.text_encoder.get_input_embeddings().weight
-    for part in ("unet", "text_encoder"):
-        for name, p in getattr(world.pipe, part).named_parameters():
-            if "processor" in name:
-                continue
-            t = p.detach()[:1] if p is emb else p.detach()
-            h.update(f"{part}.{name}{tuple(t.shape)}".encode())
-            h.update(t.flatten()[:16].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+    """The hash that says which version of a world a fits folder belongs to (:func:`~compinv_utils.world.weights_hash`
+    at full precision). Fits made in one version of a world are meaningless in another: a retrained UNet draws
+    other images from the same fitted weights."""
+    return weights_hash(world, half=False)
 
 
 def check_fits_world(world, root: Path) -> None:

@@ -16,6 +16,7 @@ mean of its inversion seeds' means. :func:`cluster_bootstrap` stays for comparis
 
 from __future__ import annotations
 
+import json
 from itertools import combinations
 from typing import Sequence
 
@@ -50,6 +51,12 @@ def text_alignment(world, images: Sequence[Image.Image], texts: Sequence[str]) -
 
 def image_alignment(world, images: Sequence[Image.Image], photos: Sequence[Image.Image]) -> np.ndarray:
     """Per image, the mean CLIP image cosine similarity to the user photos (whole images, the paper's)."""
+    if isinstance(photos, Image.Image) or isinstance(images, Image.Image):
+        raise TypeError("images and photos must be lists of PIL images; wrap a single image in a list")
+    if len(photos) == 0:
+        raise ValueError("no photos to compare with: image alignment needs the concept's photos (concept.photos)")
+    if len(images) == 0:
+        raise ValueError("no images to score")
     return (world.image_features(images) @ world.image_features(photos).T).mean(1).numpy()
 
 
@@ -250,33 +257,129 @@ def pair_detection_table(world, pairs: Sequence[tuple[str, str]] | None = None, 
     return out
 
 
+def _read_pair_tables(path) -> dict[int, dict[str, dict]]:
+    """A pair-table cache as ``{seeds: {"a|b": {...}}}``, the main table first, then those of other seed counts."""
+    try:
+        data = json.loads(path.read_text())
+        tables = {int(data["seeds"]): dict(data["pairs"])}
+        for n, t in data.get("other_seeds", {}).items():
+            tables.setdefault(int(n), {}).update(t["pairs"])
+        return tables
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"the pair table {path} is not a pair-table cache ({type(exc).__name__}: {exc})") from exc
+
+
+def _write_pair_tables(path, tables: dict[int, dict], main: int, world: dict | None = None) -> None:
+    import json
+
+    from .files import write_text
+
+    data = {"seeds": main, "pairs": tables[main]}
+    if world is not None:
+        data["made_from"] = {"world": world}
+    others = {str(n): {"pairs": t} for n, t in sorted(tables.items()) if n != main and t}
+    if others:
+        data["other_seeds"] = others
+    write_text(path, json.dumps(data, indent=1))
+
+
 def load_or_compute_pair_table(world, path, nouns: Sequence[str] | None = None, seeds: int = 2,
                                recompute: bool = False) -> dict[tuple[str, str], dict[str, float]]:
     """:func:`pair_detection_table` over every pair of ``nouns`` (default: the world's), cached at ``path`` as
-    ``{"seeds": n, "pairs": {"a|b": {...}}}``. A cache made with other seeds, or missing one of the pairs, is
-    recomputed (the old file is kept as ``*.old.json``); chapter 01 makes it, chapters 06 and the README read it."""
-    import json
+    ``{"seeds": n, "pairs": {"a|b": {...}}}`` (tables made with other seed counts beside it, under
+    ``"other_seeds"``). Only the pairs the cache lacks for these seeds are computed (all of them with
+    ``recompute=True``), and they are merged into the file: a request for a subset of the nouns or for other seeds
+    never drops what the cache holds. The write holds a lock on the folder and merges with what is on disk then,
+    so processes that share the file lose nothing; the file before each write is kept as ``*.old.json`` (a larger
+    backup is never overwritten, see :func:`compinv_utils.files.backup`). The file records the world it was made in
+    (:func:`~compinv_utils.world.world_identity`); one made in another world is computed again, with a message.
+    The main table (``"pairs"``) is the one
+    of the latest request unless another seed count's table has more pairs. Chapter 01 makes it, chapter 06 and
+    the README read it."""
     from pathlib import Path
 
-    from .course import load_or_compute
+    from .files import backup, locked
+    from .world import shown_path, world_identity
 
+    if isinstance(seeds, bool) or not isinstance(seeds, (int, np.integer)) or seeds < 1:
+        raise ValueError(f"seeds must be an integer >= 1 (images per pair), got {seeds!r}")
+    seeds = int(seeds)
     path = Path(path)
     nouns = list(world.concepts if nouns is None else nouns)
+    world.check_nouns(nouns)
     pairs = list(combinations(nouns, 2))
-    if path.exists() and not recompute:
+    if not pairs:
+        raise ValueError(f"a pair table needs at least two nouns, got {nouns}")
+
+    identity = world_identity(world)
+    backed_up = False  # a stale or unreadable file is copied aside once, when it is found
+
+    def read(announce: bool = True) -> dict[int, dict]:
+        nonlocal backed_up
+        if not path.exists():
+            return {}
         try:
-            cached = json.loads(path.read_text())
-            stale = cached.get("seeds") != seeds or any(f"{a}|{b}" not in cached.get("pairs", {}) for a, b in pairs)
-        except (json.JSONDecodeError, AttributeError):
-            stale = True  # load_or_compute below keeps the unreadable file as *.old.json and recomputes
-        recompute = stale
+            tables = _read_pair_tables(path)
+            made_in = (json.loads(path.read_text()).get("made_from") or {}).get("world")
+        except ValueError as exc:
+            if announce:
+                print(f"{exc}; it is kept as {backup(path).name} and the table is computed again")
+                backed_up = True
+            return {}
+        if made_in is not None and made_in != identity:
+            if announce:
+                print(f"pair table {shown_path(path)} was made in another world ({made_in}, not {identity}): "
+                      f"computing it again (the old file is kept as {backup(path).name})")
+                backed_up = True
+            return {}
+        return tables
 
-    def compute():
-        table = pair_detection_table(world, pairs, seeds=seeds)
-        return {"seeds": seeds, "pairs": {f"{a}|{b}": v for (a, b), v in table.items()}}
+    def lookup(table: dict, a: str, b: str):
+        if f"{a}|{b}" in table:
+            return table[f"{a}|{b}"]
+        if f"{b}|{a}" in table:  # the same pair cached in the other order
+            v = table[f"{b}|{a}"]
+            return {"a": v["b"], "b": v["a"], "both": v["both"]}
+        return None
 
-    data = load_or_compute(path, compute, recompute)
-    return {tuple(k.split("|")): v for k, v in data["pairs"].items() if tuple(k.split("|")) in set(pairs)}
+    tables = read()
+    have = tables.get(seeds, {})
+    missing = pairs if recompute else [(a, b) for a, b in pairs if lookup(have, a, b) is None]
+    if missing:
+        if tables:
+            why = "recompute=True" if recompute else f"{len(pairs) - len(missing)} of them cached"
+            print(f"pair table {shown_path(path)}: computing {len(missing)} of the {len(pairs)} pairs asked for with "
+                  f"seeds={seeds} ({why}) and merging them into the file")
+        new = pair_detection_table(world, missing, seeds=seeds)
+        with locked(path):
+            tables = read(announce=False)  # what is on disk now: another process may have added pairs meanwhile
+            main = next(iter(tables), seeds)  # the main table so far
+            tables.setdefault(seeds, {}).update({f"{a}|{b}": v for (a, b), v in new.items()})
+            if len(tables[seeds]) >= len(tables.get(main, {})):
+                main = seeds
+            if not backed_up:
+                backup(path)
+            _write_pair_tables(path, tables, main, identity)
+        have = tables[seeds]
+    return {(a, b): lookup(have, a, b) for a, b in pairs}
+
+
+def stamp_pair_table(world, path) -> bool:
+    """Record in a pair table made before provenance records the world it was made in (its content unchanged);
+    idempotent, returns whether it wrote the file."""
+    from pathlib import Path
+
+    from .files import locked
+    from .world import world_identity
+
+    path = Path(path)
+    with locked(path):
+        data = json.loads(path.read_text())
+        if data.get("made_from"):
+            return False
+        tables = _read_pair_tables(path)
+        _write_pair_tables(path, tables, int(data["seeds"]), world_identity(world))
+    return True
 
 
 def compositionality(table: dict[tuple[str, str], dict[str, float]], nouns: Sequence[str]) -> dict[str, float]:

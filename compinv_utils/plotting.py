@@ -36,9 +36,10 @@ def image_grid(images: Sequence[Image.Image], ncols: int = 8, titles: Sequence[s
     if row_labels is not None:
         for r, lab in enumerate(row_labels[:nrows]):
             axes[r, 0].set_ylabel(lab, fontsize=8, rotation=0, ha="right", va="center")
-    fig.tight_layout(rect=(0, 0, 1, 0.93) if suptitle else None)
+    height = fig.get_size_inches()[1]
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / height) if suptitle else None)  # a suptitle gets 0.35 inch
     if suptitle:
-        fig.suptitle(suptitle, fontsize=10)
+        fig.suptitle(suptitle, fontsize=10, y=1 - 0.08 / height, va="top")
     return fig
 
 
@@ -70,9 +71,15 @@ def bar_chart(values: dict[str, float], title: str = "", ylabel: str = "", thres
 
 
 def attention_overlays(image: Image.Image | Sequence[Image.Image], maps, titles: Sequence[str], row_labels: Sequence[str] | None = None,
-                       size: float = 1.3, suptitle: str | None = None):
+                       size: float = 1.3, suptitle: str | None = None, boxes: Sequence | None = None,
+                       scale: str = "shared"):
     """Per-token attention maps over an image. ``maps``: array ``(rows, cols, h, w)`` (or ``(cols, h, w)``);
-    ``image``: one image, or a list with one image per row."""
+    ``image``: one image, or a list with one image per row. ``boxes``: per row, one ``(x0, y0, x1, y1)`` box (in
+    [0, 1]) or None per column, drawn as the target of that column's word. ``scale="shared"``: one colour scale
+    for every map, from 0 to the largest value, with a colour bar, so that maps can be compared; ``"each"``:
+    every map scaled to its own maximum (shapes only)."""
+    if scale not in ("shared", "each"):
+        raise ValueError(f"scale must be 'shared' or 'each', got {scale!r}")
     maps = np.asarray(maps, dtype=float)
     if maps.ndim == 3:
         maps = maps[None]
@@ -80,7 +87,12 @@ def attention_overlays(image: Image.Image | Sequence[Image.Image], maps, titles:
     images = list(image) if isinstance(image, (list, tuple)) else [image] * rows
     if len(images) != rows:
         raise ValueError(f"{len(images)} images for {rows} rows of maps")
-    fig, axes = plt.subplots(rows, cols + 1, figsize=((cols + 1) * size, rows * size * 1.15), squeeze=False, dpi=DPI)
+    if boxes is not None and len(boxes) != rows:
+        raise ValueError(f"{len(boxes)} rows of boxes for {rows} rows of maps")
+    vmax = float(np.nanmax(maps)) if scale == "shared" and np.isfinite(maps).any() else None
+    width = (cols + 1) * size + (0.8 if vmax is not None else 0.0)  # room on the right for the colour bar
+    fig, axes = plt.subplots(rows, cols + 1, figsize=(width, rows * size * 1.15), squeeze=False, dpi=DPI)
+    shown = None
     for r in range(rows):
         image = images[r]
         w, h = image.size
@@ -91,13 +103,52 @@ def attention_overlays(image: Image.Image | Sequence[Image.Image], maps, titles:
         for c in range(cols):
             ax = axes[r, c + 1]
             ax.imshow(np.asarray(image.convert("L")), cmap="gray", alpha=0.5, extent=(0, w, h, 0))
-            ax.imshow(maps[r, c], cmap="inferno", alpha=0.65, extent=(0, w, h, 0), interpolation="bilinear")
+            shown = ax.imshow(maps[r, c], cmap="inferno", alpha=0.7, extent=(0, w, h, 0), interpolation="bilinear",
+                              vmin=0 if vmax is not None else None, vmax=vmax)
+            box = boxes[r][c] if boxes is not None and c < len(boxes[r]) else None
+            if box is not None:
+                x0, y0, x1, y1 = box
+                ax.add_patch(plt.Rectangle((x0 * w, y0 * h), (x1 - x0) * w, (y1 - y0) * h, fill=False,
+                                           edgecolor="#00e5ff", linewidth=1.2, linestyle="--"))
             if r == 0:
                 ax.set_title(titles[c], fontsize=7)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (rows * size * 1.15 + 0.3)) if suptitle else None)
+    right = 1 - 0.8 / width if vmax is not None else 1
+    fig.tight_layout(rect=(0, 0, right, 1 - 0.3 / (rows * size * 1.15 + 0.3) if suptitle else 1))
+    if vmax is not None and shown is not None:
+        top, bottom = axes[0, -1].get_position().y1, axes[-1, -1].get_position().y0
+        cax = fig.add_axes((right + 0.1 / width, bottom, 0.12 / width, top - bottom))
+        bar = fig.colorbar(shown, cax=cax)
+        bar.set_label("attention", fontsize=7)
+        bar.ax.tick_params(labelsize=6)
     if suptitle:
         fig.suptitle(suptitle, fontsize=9)
     return fig
+
+
+def place_labels(ax, xy, labels: Sequence[str], fontsize: float = 7, color: str = "black", **kwargs) -> list:
+    """Write ``labels`` beside the points ``xy`` ``(N, 2)`` (data coordinates), each at the first of eight
+    offsets where it overlaps no label already placed (greedy; the last offset tried is kept when none is
+    free). Returns the text objects."""
+    fig = ax.figure
+    fig.canvas.draw()  # the axis limits and the renderer, to measure the labels
+    renderer = fig.canvas.get_renderer()
+    offsets = [(4, 3), (4, -10), (-4, 3), (-4, -10), (0, 8), (0, -14), (10, -3), (-10, -3)]
+    placed, texts = [], []
+    for (x, y), label in zip(np.asarray(xy, dtype=float), labels):
+        for dx, dy in offsets:
+            t = ax.annotate(label, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize, color=color,
+                            ha="left" if dx >= 0 else "right", **kwargs)
+            box = t.get_window_extent(renderer)
+            if not any(box.overlaps(b) for b in placed):
+                break
+            t.remove()
+        else:
+            t = ax.annotate(label, (x, y), xytext=offsets[0], textcoords="offset points", fontsize=fontsize,
+                            color=color, **kwargs)
+            box = t.get_window_extent(renderer)
+        placed.append(box)
+        texts.append(t)
+    return texts

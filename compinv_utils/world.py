@@ -221,6 +221,30 @@ class World:
         return images
 
 
+def weights_hash(world: World, half: bool = True) -> str:
+    """A short hash of the world's UNet and text encoder: each weight's name, shape and first values (rounded to
+    float16 with ``half``, so that the same world loaded in float32 or float16 hashes alike). Attention processors
+    and the token rows added for loaded concepts are left out, so loading a concept does not change it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    emb = world.pipe.text_encoder.get_input_embeddings().weight
+    for part in ("unet", "text_encoder"):
+        for name, p in getattr(world.pipe, part).named_parameters():
+            if "processor" in name:
+                continue
+            t = p.detach()[:1] if p is emb else p.detach()
+            h.update(f"{part}.{name}{tuple(t.shape)}".encode())
+            first = t.flatten()[:16].cpu()
+            h.update((first.half() if half else first.float()).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def world_identity(world: World) -> dict:
+    """What a cache records of the world it was made in: its name and :func:`weights_hash`."""
+    return {"name": world.name, "fingerprint": weights_hash(world)}
+
+
 def _normalised(out) -> torch.Tensor:
     feats = out if isinstance(out, torch.Tensor) else out.pooler_output
     feats = feats.float().cpu()
@@ -262,15 +286,42 @@ def default_device() -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
+PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """``im`` as 8-bit RGB. 16-bit and 32-bit grey images ("I;16", "I", "F") are scaled to their range instead of
+    clipped (PIL's ``convert`` would turn most of a 16-bit photo white)."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode.startswith("I;16") or (im.mode == "I" and a.max(initial=0) > 255):
+            top = 65535.0
+        elif im.mode == "F" and a.max(initial=0) <= 1.0:
+            top = 1.0
+        else:
+            top = 255.0
+        im = Image.fromarray(np.clip(np.round(a / top * 255), 0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
 def load_photos(folder: str | Path, size: int | None = None) -> list[Image.Image]:
-    """Read every image in ``folder`` as RGB (grayscale and RGBA are converted), optionally resized
-    to ``size`` x ``size`` (centre-cropped to a square first)."""
+    """Read every image in ``folder`` as RGB (grayscale, 16-bit and RGBA are converted), optionally resized
+    to ``size`` x ``size`` (centre-cropped to a square first). Other files (not hidden, not ``.json``/``.txt``
+    notes) are named in a warning, so that a photo in an unread format is not skipped without a word."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"photo folder {folder} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
+    skipped = sorted(p.name for p in folder.iterdir() if p.is_file() and p not in files and not p.name.startswith(".")
+                     and p.suffix.lower() not in (".json", ".txt", ".md"))
     if not files:
-        raise ValueError(f"photo folder {folder} holds no images (.png, .jpg, .jpeg, .webp, .bmp)")
+        raise ValueError(f"photo folder {folder} holds no images ({', '.join(PHOTO_SUFFIXES)})"
+                         + (f"; it holds {skipped[:5]}" if skipped else ""))
+    if skipped:
+        import warnings
+
+        warnings.warn(f"photo folder {folder}: skipped {len(skipped)} file(s) that are not images of a read format "
+                      f"({', '.join(PHOTO_SUFFIXES)}): {skipped[:5]}; convert them to PNG to use them")
     photos = []
     for p in files:
         try:
@@ -278,7 +329,7 @@ def load_photos(folder: str | Path, size: int | None = None) -> list[Image.Image
             im.load()
         except Exception as exc:  # noqa: BLE001 - any decoder error means an unreadable photo
             raise ValueError(f"cannot read photo {p} in folder {folder}: {exc}") from exc
-        im = im.convert("RGB")
+        im = _to_rgb(im)
         if size is not None:
             s = min(im.size)
             left, top = (im.width - s) // 2, (im.height - s) // 2
@@ -357,11 +408,30 @@ def toy_measures(root: Path, device: torch.device, dtype: torch.dtype):
 def _device(device, default: str | None) -> tuple[torch.device, torch.dtype]:
     """The device asked for (argument, else ``$COMPINV_DEVICE``, else ``default``, else CUDA when available), and
     its dtype (fp16 on CUDA, fp32 elsewhere)."""
+    where = "the device argument" if device else "COMPINV_DEVICE"
     device = device or os.environ.get("COMPINV_DEVICE") or default
     if device is None:
         return default_device()
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"{where} is {device!r}, which is not a device name: use 'cpu', 'cuda', 'cuda:0' or 'mps' "
+                         "(or unset COMPINV_DEVICE for the default)") from exc
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{where} asks for {device!r}; the worlds run on 'cpu', 'cuda' or 'mps'")
     return dev, torch.float16 if dev.type == "cuda" else torch.float32
+
+
+def check_device(dev: torch.device) -> None:
+    """Raise ``RuntimeError`` (saying what to do) when ``dev`` does not exist on this machine, before any weights
+    are loaded onto it."""
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        have = torch.cuda.device_count() if torch.cuda.is_available() else "no"
+        raise RuntimeError(f"the device {str(dev)!r} was asked for (device argument or COMPINV_DEVICE), but this "
+                           f"machine has {have} CUDA GPU(s): unset COMPINV_DEVICE or set it to 'cpu'")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise RuntimeError("the device 'mps' was asked for (device argument or COMPINV_DEVICE), but this machine has "
+                           "no Apple GPU: unset COMPINV_DEVICE or set it to 'cpu'")
 
 
 def load_toy_world(root: str | Path | None = None, device: str | torch.device | None = None,
@@ -371,11 +441,12 @@ def load_toy_world(root: str | Path | None = None, device: str | torch.device | 
     the concepts of interest instead of the rendered ones (resized to 32 px)."""
     from .toy import render
 
-    root = Path(root or TOY_DIR)
+    root = Path(root or os.environ.get("COMPINV_TOY_DIR") or data_root() / "toy")  # read now: COMPINV_DATA may be set late
     if not (root / "pipeline" / "model_index.json").exists():
         raise FileNotFoundError(f"the toy world's weights are missing from {root}; rebuild them with `make toy-world` "
                                 "(python -m compinv_utils.toy.train --out data/toy)")
     dev, dtype = _device(device, "cpu")
+    check_device(dev)
     with quiet_loading():  # the import too (see toy_measures)
         from diffusers import StableDiffusionPipeline
 
@@ -418,6 +489,37 @@ def _detr_detector(model, processor, device, dtype):
     return detect
 
 
+def _read_concepts_json(path: Path) -> dict[str, str]:
+    """``concepts.json``: ``{"folder name": "superclass"}``, checked (an error names the file and what to fix)."""
+    if not path.exists():
+        return {}
+    example = 'e.g. {"dog6": "dog", "my_teapot": "cup"}'
+    try:
+        mapping = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); it maps each concept folder to its superclass, "
+                         f"{example}") from exc
+    if not isinstance(mapping, dict):
+        raise ValueError(f"{path} holds a {type(mapping).__name__}, not an object mapping each concept folder to its "
+                         f"superclass, {example}")
+    bad = {k: v for k, v in mapping.items() if not isinstance(v, str) or not v.strip()}
+    if bad:
+        raise ValueError(f"{path}: the superclass of {sorted(bad)} is {list(bad.values())}, not a word; give each "
+                         f"folder a noun of the world, {example}")
+    return {k: v.strip() for k, v in mapping.items()}
+
+
+def check_superclasses(world: World) -> None:
+    """Raise ``ValueError`` when a concept's superclass is not one of the world's nouns: the detector could never
+    find it, so every "class found" would be 0."""
+    bad = [c for c in world.concepts_of_interest if c.superclass not in world.concepts]
+    if bad:
+        raise ValueError(f"the superclass of concept(s) {[(c.name, c.superclass) for c in bad]} is not one of the "
+                         f"{world.name} world's nouns, so its detector can never find it: name each in the concepts "
+                         f"folder's concepts.json (e.g. {{\"{bad[0].name}\": \"{world.concepts[0]}\"}}) with one of: "
+                         f"{', '.join(world.concepts)}")
+
+
 def sd15_concepts(folder: str | Path, size: int = 512) -> list[ConceptOfInterest]:
     """Concepts of interest from a folder with one subfolder of photos per concept (e.g. the DreamBooth
     data set). The superclass is read from ``concepts.json`` ({name: superclass}) when present, else
@@ -425,7 +527,7 @@ def sd15_concepts(folder: str | Path, size: int = 512) -> list[ConceptOfInterest
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"concepts folder {folder} does not exist")
-    mapping = json.loads((folder / "concepts.json").read_text()) if (folder / "concepts.json").exists() else {}
+    mapping = _read_concepts_json(folder / "concepts.json")
     subs = sorted(p for p in folder.iterdir() if p.is_dir())
     if not subs:
         raise ValueError(f"concepts folder {folder} has no subfolders of photos")
@@ -448,6 +550,7 @@ def load_sd15_world(concepts_dir: str | Path | None = None, device: str | torch.
     from transformers import AutoImageProcessor, CLIPModel, CLIPProcessor, DetrForObjectDetection
 
     dev, dtype = _device(device, None)
+    check_device(dev)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(SD15_ID, dtype=dtype, safety_checker=None,
                                                        requires_safety_checker=False)
@@ -495,9 +598,12 @@ def _loader(name: str) -> Callable[..., World]:
 
         module, _, attr = name.partition(":")
         try:
-            return getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as exc:
+            loader = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError, ValueError) as exc:
             raise ValueError(f"cannot load the world loader {name!r}: {exc}") from exc
+        if not callable(loader):
+            raise ValueError(f"the world loader {name!r} is a {type(loader).__name__}, not a function")
+        return loader
     raise ValueError(f"unknown world {name!r}; the worlds are: {', '.join(WORLD_LOADERS)} "
                      "(or a loader given as 'package.module:function')")
 
@@ -513,7 +619,22 @@ def load_world(name: str | None = None, **kwargs) -> World:
         kwargs["concepts_dir"] = os.environ["COMPINV_CONCEPTS"]
     if kwargs.get("concepts_dir") is None:
         kwargs.pop("concepts_dir", None)
-    world = _loader(name)(**kwargs)
+    loader = _loader(name)
+    if ":" in name:  # a loader named by the user: say so when it cannot take the arguments
+        import inspect
+
+        try:
+            inspect.signature(loader).bind(**kwargs)
+        except TypeError as exc:
+            raise TypeError(f"the world loader {name!r} cannot be called with {sorted(kwargs) or 'no arguments'} "
+                            f"({exc}); a loader builds a compinv_utils.world.World (see register_world)") from exc
+        except ValueError:  # a builtin without a signature: the type check below speaks for it
+            pass
+    world = loader(**kwargs)
+    if not isinstance(world, World):
+        raise TypeError(f"the world loader {name!r} returned a {type(world).__name__}, not a World: a loader is a "
+                        "function that builds compinv_utils.world.World (see register_world); check COMPINV_WORLD")
+    check_superclasses(world)
     if world.settings.max_concepts is not None:
         world.concepts_of_interest = world.concepts_of_interest[:world.settings.max_concepts]
     return world

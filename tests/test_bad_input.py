@@ -267,7 +267,7 @@ def test_a_failing_generation_keeps_the_records_already_made(world, tmp_path, mo
         L.generate_records(world, JOBS, path, batch_size=2, progress=False)
     kept = L.read_records(path)
     assert len(kept) == 2 and len((tmp_path / "l.jsonl.done").read_text().splitlines()) == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.jsonl", "l.jsonl.done"]  # no temporary files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.jsonl", "l.jsonl.done", "l.jsonl.missed"]  # no temporary files
 
 
 def test_layout_batch_size_and_single_job(world, tmp_path):
@@ -442,3 +442,277 @@ def test_concept_folders_that_give_no_token_or_the_same_one(tmp_path, names, mes
         Image.new("RGB", (8, 8)).save(tmp_path / n / "a.png")
     with pytest.raises(ValueError, match=message):
         sd15_concepts(tmp_path, size=8)
+
+
+# -- issue 34: the last silent answers and unclear errors ------------------------------------------------------
+
+
+def test_a_resume_with_a_loss_over_another_lambda_is_refused(world, concept, tmp_path):
+    cfg = I.InversionConfig(steps=2, batch_size=1, checkpoint_every=1)
+
+    def anchored(lam):
+        def loss(rec, e, step):  # the same name and code each time; only the λ it closes over differs
+            if step == 1 and lam == 0.5:
+                raise KeyboardInterrupt  # the first run stops after its first checkpoint
+            return (1 - lam) * rec + lam * e.pow(2).mean()
+        return loss
+
+    with pytest.raises(KeyboardInterrupt):
+        I.invert(world.pipe, concept.photos, "<b1>", concept.superclass, cfg, loss_fn=anchored(0.5),
+                 checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="made from a different loss; resuming would mix two runs"):
+        I.invert(world.pipe, concept.photos, "<b1>", concept.superclass, cfg, loss_fn=anchored(0.9),
+                 checkpoint_dir=tmp_path, progress=False)
+    a, b = I.loss_identity(anchored(0.5)), I.loss_identity(anchored(0.9))
+    assert a["name"] == b["name"] and a != b and I.loss_identity(anchored(0.5)) == a
+
+
+LAM = 0.5
+
+
+def _global_lambda_loss(rec, e, step):
+    return (1 - LAM) * rec + LAM * e.pow(2).mean()
+
+
+def test_a_loss_that_reads_a_module_level_lambda_is_identified_by_it(monkeypatch):
+    before = I.loss_identity(_global_lambda_loss)
+    monkeypatch.setitem(globals(), "LAM", 0.9)
+    assert I.loss_identity(_global_lambda_loss) != before
+
+
+def test_an_emptied_records_file_beside_its_done_file_is_regenerated(world, tmp_path, monkeypatch):
+    calls = fake_generation(monkeypatch, world)
+    path = tmp_path / "l.jsonl"
+    first = L.generate_records(world, JOBS, path, batch_size=2, progress=False)
+    path.write_text("")
+    with pytest.warns(UserWarning, match="missing from .*generating them again"):
+        assert L.generate_records(world, JOBS, path, batch_size=2, progress=False) == first
+    assert sum(calls) == 2 * len(JOBS)
+
+
+def test_a_corrupt_records_file_of_an_older_version_is_regenerated(world, tmp_path, monkeypatch):
+    fake_generation(monkeypatch, world)
+    path = tmp_path / "l.jsonl"
+    first = L.generate_records(world, JOBS, path, batch_size=2, progress=False)
+    (tmp_path / "l.jsonl.missed").unlink()  # as written before misses were listed
+    path.write_text('{"a": "cat", "b"\n')
+    with pytest.warns(UserWarning, match="holds no records but .*generating them again"):
+        assert L.generate_records(world, JOBS, path, batch_size=2, progress=False) == first
+
+
+def test_an_absurd_guidance_step_stops_instead_of_a_black_image(world):
+    with pytest.raises(FloatingPointError, match="guidance diverged.*lower GuidanceConfig.step_size"):
+        guided(world, config=GuidanceConfig(guided_steps=1, inner_iters=1, step_size=1e30))
+
+
+def test_a_repeated_word_guides_each_occurrence(world):
+    from compinv_utils.guidance import word_positions
+
+    tok = world.pipe.tokenizer
+    first, second = word_positions(tok, "a cat and a cat", ["cat", "cat"])
+    assert first != second and second[0] > first[0]
+    with pytest.raises(ValueError, match="named 2 times in words but occurs 1 time"):
+        word_positions(tok, "a cat and a kite", ["cat", "cat"])
+
+
+def test_sixteen_bit_photos_keep_their_grey_and_tiffs_are_read(tmp_path):
+    from PIL import Image
+
+    from compinv_utils.world import load_photos
+
+    grey = np.full((8, 8), 32768, dtype=np.uint16)  # mid grey in 16 bits
+    Image.fromarray(grey).save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(tmp_path / "b.tif")
+    photos = load_photos(tmp_path)
+    assert len(photos) == 2
+    assert abs(int(np.asarray(photos[0])[0, 0, 0]) - 128) <= 1  # not saturated to 255
+    assert tuple(np.asarray(photos[1])[0, 0]) == (10, 200, 30)
+
+
+def test_a_photo_in_an_unread_format_is_named(tmp_path):
+    from PIL import Image
+
+    from compinv_utils.world import load_photos
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "b.heic").write_bytes(b"not read")
+    with pytest.warns(UserWarning, match="skipped 1 file.*b.heic"):
+        assert len(load_photos(tmp_path)) == 1
+
+
+def test_compinv_data_set_after_import_moves_the_weights_too(tmp_path, monkeypatch):
+    from compinv_utils.world import load_toy_world
+
+    monkeypatch.delenv("COMPINV_TOY_DIR", raising=False)
+    monkeypatch.setenv("COMPINV_DATA", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=f"weights are missing from {tmp_path / 'toy'}"):
+        load_toy_world(device="cpu")
+
+
+def test_layouts_refuse_an_unknown_word_or_an_unloaded_placeholder(world):
+    from compinv_utils.evaluation import Layouts
+
+    d = dim(world)
+    layouts = Layouts(L.LayoutMLP(d), {n: torch.randn(d) for n in world.concepts})
+    with pytest.raises(ValueError, match="'<b1>' is a placeholder that is not loaded"):
+        layouts.boxes(world.pipe, "<b1>", "cat")
+    with pytest.raises(ValueError, match="'spaceship' is neither one of the layout MLP's nouns"):
+        layouts.boxes(world.pipe, "cat", "spaceship")
+    with pytest.raises(ValueError, match="not a token of the pipeline"):
+        L.nearest_noun(world.pipe, "<b1>", world.concepts)
+
+
+def test_zero_features_and_miscounted_predictions_are_refused():
+    model = L.LayoutMLP(4)
+    with pytest.raises(ValueError, match="feat_j is zero"):
+        L.predict_boxes(model, torch.ones(4), torch.zeros(4))
+    with pytest.raises(ValueError, match="takes vectors \\(4,\\)"):
+        L.predict_boxes(model, torch.ones(4), torch.ones(5))
+    rec = {"a": "cat", "b": "dog", "box_a": [0, 0, .5, .5], "box_b": [.5, .5, 1, 1]}
+    with pytest.raises(ValueError, match="of \\['dog'\\] are zero"):
+        L.train_layout_mlp([rec], {"cat": torch.ones(4), "dog": torch.zeros(4)}, steps=1)
+    with pytest.raises(ValueError, match="1 predictions for 2 records"):
+        L.mean_iou([((0, 0, .5, .5), (.5, .5, 1, 1))], [rec, rec])
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: L.split_by_pair([]), "0 records of 0 noun pair"),
+    (lambda: L.train_layout_mlp([], {"cat": torch.ones(4)}, steps=1), "no training records"),
+    (lambda: L.train_layout_mlp([{"a": "cat", "b": "dog", "box_a": [0, 0, 1, 1], "box_b": [0, 0, 1, 1]}],
+                                {"cat": torch.ones(4)}, steps=1), "noun\\(s\\) \\['dog'\\] that have no feature"),
+])
+def test_empty_or_featureless_layout_data(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_a_layout_mlp_of_another_dimension_names_the_file(world, tmp_path):
+    from compinv_utils.evaluation import load_layouts
+
+    model, _ = L.train_layout_mlp([{"a": "cat", "b": "dog", "box_a": [0, 0, .5, .5], "box_b": [.5, .5, 1, 1]}],
+                                  {"cat": torch.ones(8), "dog": -torch.ones(8)}, steps=1)
+    path = tmp_path / "m.pt"
+    L.save_layout_mlp(model, path, "input embedding")
+    with pytest.raises(ValueError, match="m.pt takes features of dimension 8.*run chapter 04"):
+        load_layouts(world, path)
+    blob = torch.load(path, weights_only=True)
+    blob["dim"] = 16
+    torch.save(blob, path)
+    with pytest.raises(ValueError, match="m.pt does not hold a layout MLP of dimension 16"):
+        L.load_layout_mlp(path)
+
+
+def test_image_alignment_without_photos(world):
+    from compinv_utils.metrics import image_alignment
+
+    with pytest.raises(ValueError, match="no photos to compare with"):
+        image_alignment(world, world.concepts_of_interest[0].photos[:1], [])
+
+
+def test_a_runaway_learning_rate_is_not_saved(world, concept):
+    with pytest.raises(FloatingPointError, match="diverged.*lower the learning rate"):
+        I.invert(world.pipe, concept.photos, "<b1>", concept.superclass, I.InversionConfig(steps=1, batch_size=1, lr=1e6),
+                 progress=False)
+    assert "<b1>" not in world.pipe.tokenizer.get_vocab()
+
+
+def test_a_template_that_pushes_the_placeholder_past_the_token_limit(world, concept):
+    cfg = I.InversionConfig(steps=1, batch_size=1, templates=("a photo of a {}", "a " * 80 + "{}"))
+    with pytest.raises(ValueError, match="past the 76 tokens the text encoder reads: shorten the template"):
+        I.invert(world.pipe, concept.photos, "<b1>", concept.superclass, cfg, progress=False)
+    assert "<b1>" not in world.pipe.tokenizer.get_vocab()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "concepts.json is not valid JSON"),
+    ('["dog"]', "concepts.json holds a list, not an object"),
+    ('{"dog": 3}', "concepts.json: the superclass of \\['dog'\\] is \\[3\\], not a word"),
+])
+def test_a_bad_concepts_json_names_the_file(tmp_path, text, message):
+    from PIL import Image
+
+    from compinv_utils.world import sd15_concepts
+
+    (tmp_path / "dog").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "dog" / "a.png")
+    (tmp_path / "concepts.json").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        sd15_concepts(tmp_path, size=8)
+
+
+def test_a_superclass_the_detector_cannot_find_is_refused(toy_world, monkeypatch):
+    from dataclasses import replace
+
+    from compinv_utils import world as W
+
+    red = W.World(**{**toy_world.__dict__, "concepts_of_interest": [replace(toy_world.concepts_of_interest[0],
+                                                                            superclass="red")]})
+    monkeypatch.setitem(W.WORLD_LOADERS, "red", lambda **kw: red)
+    with pytest.raises(ValueError, match="superclass of concept\\(s\\) \\[\\('mochi', 'red'\\)\\] is not one of the toy "
+                                         "world's nouns.*concepts.json"):
+        W.load_world("red")
+
+
+def test_a_world_loader_that_builds_no_world(monkeypatch):
+    from compinv_utils.world import load_world
+
+    monkeypatch.delenv("COMPINV_CONCEPTS", raising=False)
+    with pytest.raises(TypeError, match="'os:getcwd' returned a str, not a World"):
+        load_world("os:getcwd")
+    with pytest.raises(TypeError, match="'os:getcwd' cannot be called with \\['device'\\]"):
+        load_world("os:getcwd", device="cpu")
+
+
+@pytest.mark.parametrize("device, error, message", [
+    ("gpu", ValueError, "COMPINV_DEVICE is 'gpu', which is not a device name"),
+    pytest.param("cuda", RuntimeError, "'cuda' was asked for .* but this machine has no CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+    pytest.param("cuda:7", RuntimeError, "'cuda:7' was asked for .* unset COMPINV_DEVICE",
+                 marks=pytest.mark.skipif(torch.cuda.device_count() > 7, reason="this machine has 8 GPUs")),
+])
+def test_compinv_device_that_cannot_be_used(monkeypatch, device, error, message):
+    from compinv_utils.world import load_toy_world
+
+    monkeypatch.setenv("COMPINV_DEVICE", device)
+    with pytest.raises(error, match=message):
+        load_toy_world()
+
+
+def _cd_folder(tmp_path, world, weights: bytes | dict) -> Path:
+    folder = tmp_path / "cd"
+    folder.mkdir(parents=True)
+    path = folder / "pytorch_custom_diffusion_weights.safetensors"
+    if isinstance(weights, bytes):
+        path.write_bytes(weights)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(weights, str(path))
+    I.save_embedding(folder / "learned_embeds.safetensors", "<b1>", torch.zeros(1, dim(world)))
+    return folder
+
+
+def test_custom_diffusion_weights_of_another_world_or_truncated(world, tmp_path):
+    from compinv_utils.methods import get_method
+
+    cd = get_method("custom_diffusion")
+    key = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor.to_k_custom_diffusion.weight"
+    before = dict(world.pipe.unet.attn_processors)
+    folder = _cd_folder(tmp_path / "a", world, {key: torch.zeros(3, 5)})
+    with pytest.raises(ValueError, match=f"{folder}.*has shape \\(3, 5\\) but this world's UNet needs"):
+        cd.load(world.pipe, folder)
+    folder = _cd_folder(tmp_path / "b", world, b"\x00" * 40)
+    with pytest.raises(ValueError, match=f"{folder}.*truncated or not a safetensors file"):
+        cd.load(world.pipe, folder)
+    assert dict(world.pipe.unet.attn_processors) == before and "<b1>" not in world.pipe.tokenizer.get_vocab()
+
+
+def test_a_dreambooth_folder_with_only_a_pickle(world, tmp_path):
+    from compinv_utils.methods import get_method
+
+    (tmp_path / "unet").mkdir()
+    torch.save({"conv_in.weight": torch.zeros(1)}, tmp_path / "unet" / "diffusion_pytorch_model.bin")
+    unet = world.pipe.unet
+    with pytest.raises(ValueError, match="holds no safetensors UNet.*does not load pickles"):
+        get_method("dreambooth").load(world.pipe, tmp_path)
+    assert world.pipe.unet is unet

@@ -14,6 +14,12 @@ one ``COMPINV_HOME`` for every chapter; a working folder outside the repository;
 rounds. The first chapter clones and installs; every later run must reuse the clone and the installed package.
 In the second round each cell runs twice in one process, as a re-run in the same kernel does.
 
+The packages come from a wheel cache that outlives the test (``COMPINV_WHEELHOUSE``, by default
+``~/.cache/compinv-tests/wheels``): torch and the committed ``pyproject.toml``'s requirements as wheels. The first
+run (or a run after the requirements changed) fills it from the package index with ``pip wheel``; later runs find
+every wheel there, so the venv and the setup cells' ``pip install`` run with ``--no-index`` from local files.
+Delete the folder to start afresh.
+
 Note: the cells are read from the working tree, but what they clone is this repository's *committed* HEAD,
 so the package, its dependencies and data/ that they install and load are the committed ones: commit first.
 """
@@ -33,12 +39,19 @@ import time
 import warnings
 from pathlib import Path
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the copy that pip vendors
+    from pip._vendor import tomli as tomllib
+
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
 README = ROOT / "README.md"
 TORCH = "torch==2.13.0"  # what the Makefile installs; Colab comes with its own torch preinstalled
+WHEELHOUSE = Path(os.environ.get("COMPINV_WHEELHOUSE")
+                  or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "compinv-tests" / "wheels")
 
 # The bootstrap block: from the cell's first line up to and including this line.
 BLOCK_END = re.compile(r"^\s+os\.chdir\(.*\)\s*(#.*)?$")
@@ -196,9 +209,29 @@ def _stat(path: Path) -> tuple:
     return st.st_ino, st.st_mtime_ns
 
 
+def committed_requirements() -> list[str]:
+    """What `pip install <clone of HEAD>` needs: the committed pyproject.toml's build backend and dependencies."""
+    r = _run(["git", "show", "HEAD:pyproject.toml"], 60, cwd=ROOT)
+    assert r.returncode == 0, f"git show HEAD:pyproject.toml failed: {r.stderr}"
+    project = tomllib.loads(r.stdout)
+    return [*project["build-system"]["requires"], *project["project"].get("dependencies", [])]
+
+
+def fill_wheelhouse(py: Path, requirements: list[str], env: dict, cwd: Path) -> str:
+    """Make WHEELHOUSE hold a wheel for every requirement and their dependencies; 'reused' if it already did."""
+    WHEELHOUSE.mkdir(parents=True, exist_ok=True)
+    pip_wheel = [str(py), "-m", "pip", "wheel", "-q", "--find-links", str(WHEELHOUSE), "-w", str(WHEELHOUSE)]
+    if _run([*pip_wheel, "--no-index", *requirements], 600, env=env, cwd=cwd).returncode == 0:
+        return "reused"
+    r = _run([*pip_wheel, *requirements], 1800, env=env, cwd=cwd)  # from the package index, as Colab would
+    assert r.returncode == 0, f"pip wheel into {WHEELHOUSE} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    return "filled"
+
+
 @pytest.fixture(scope="module")
 def colab_machine():
-    """A fresh venv holding only torch (as Colab comes with it), in a temporary folder removed afterwards."""
+    """A fresh venv holding only torch (as Colab comes with it), in a temporary folder removed afterwards;
+    pip in it (and in the setup cells run with `pip_env`) installs from the wheel cache alone."""
     if _run(["git", "rev-parse", "HEAD"], 60, cwd=ROOT).returncode != 0:
         pytest.skip(f"{ROOT} is not a git repository with a commit: there is nothing to clone")
     tmp = Path(tempfile.mkdtemp(prefix="compinv-colab-"))
@@ -209,11 +242,15 @@ def colab_machine():
         r = _run([sys.executable, "-m", "venv", str(venv)], 120, env=env, cwd=tmp)
         assert r.returncode == 0, f"python -m venv failed:\n{r.stdout}\n{r.stderr}"
         py = venv / "bin" / "python"
-        r = _run([str(py), "-m", "pip", "install", "-q", TORCH], 600, env=env, cwd=tmp)  # pip's cache stays on
+        wheels = fill_wheelhouse(py, [TORCH, *committed_requirements()], env, tmp)
+        wheels_s = time.monotonic() - t0
+        pip_env = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(WHEELHOUSE)}
+        r = _run([str(py), "-m", "pip", "install", "-q", TORCH], 600, env={**env, **pip_env}, cwd=tmp)
         assert r.returncode == 0, f"pip install {TORCH} failed:\n{r.stdout}\n{r.stderr}"
         purelib = _run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], 60,
                        env=env, cwd=tmp).stdout.strip()
-        yield {"tmp": tmp, "venv": venv, "python": py, "site": Path(purelib), "torch_s": time.monotonic() - t0}
+        yield {"tmp": tmp, "venv": venv, "python": py, "site": Path(purelib), "pip_env": pip_env,
+               "wheels": wheels, "wheels_s": wheels_s, "torch_s": time.monotonic() - t0 - wheels_s}
     finally:
         if not os.environ.get("COMPINV_KEEP_COLAB_TMP"):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -232,7 +269,7 @@ def test_setup_cells_bootstrap_a_fresh_colab_machine_twice(colab_machine, reques
     scripts.mkdir()
     env = _clean_env(COMPINV_BOOTSTRAP="1", COMPINV_REPO=f"file://{ROOT}", COMPINV_HOME=str(home),
                      COMPINV_WORLD="toy", PYTHONNOUSERSITE="1", VIRTUAL_ENV=str(m["venv"]),
-                     PATH=f"{py.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+                     PATH=f"{py.parent}{os.pathsep}{os.environ.get('PATH', '')}", **m["pip_env"])
 
     cells = {}
     for path in NOTEBOOKS:
@@ -300,7 +337,8 @@ def test_setup_cells_bootstrap_a_fresh_colab_machine_twice(colab_machine, reques
 
     rounds = [sum(t[k] for t in timings.values()) for k in (0, 1)]
     request.node.user_properties.append(("setup_cell_seconds", json.dumps(timings)))
-    print(f"\nvenv + {TORCH}: {m['torch_s']:.0f} s; first setup cell (clone + pip install + load): "
+    print(f"\nvenv + wheel cache {WHEELHOUSE} ({m['wheels']}): {m['wheels_s']:.0f} s; {TORCH}: {m['torch_s']:.0f} s; "
+          f"first setup cell (clone + pip install + load): "
           f"{timings[next(iter(cells))][0]:.0f} s; round 1: {rounds[0]:.0f} s; round 2: {rounds[1]:.0f} s")
     for name, (t1, t2) in timings.items():
         print(f"  {name}: {t1:.1f} s, {t2:.1f} s")

@@ -1,10 +1,11 @@
-"""The committed chapters are stripped of volatile metadata and executed top to bottom (nbval re-runs them)."""
+"""The committed chapters (and their solutions) are stripped of volatile metadata and executed top to bottom (nbval re-runs them)."""
 import json
 from pathlib import Path
 
 import pytest
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9]*.ipynb"))
+ROOT = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = sorted(ROOT.glob("[0-9]*.ipynb")) + sorted((ROOT / "solutions").glob("*.ipynb"))  # chapters, appendix, solutions
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])

@@ -48,6 +48,40 @@ from .base import (EMBEDDING_FILE, INFO_FILE, FineTuneConfig, Fitted, Handle, ch
 WEIGHT_NAME = "pytorch_custom_diffusion_weights.safetensors"  # diffusers' CUSTOM_DIFFUSION_WEIGHT_NAME_SAFE
 
 
+def read_weights(unet, path: Path) -> dict:
+    """The Custom Diffusion weights at ``path``, checked against ``unet``: a ``ValueError`` that names the file when
+    it is truncated or not safetensors, or when a layer or a shape does not fit this UNet (saved in a world of
+    another shape)."""
+    from safetensors.torch import load_file
+
+    fix = "fit and save the concept again in this world"
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a bad header
+        raise ValueError(f"Custom Diffusion weights {path} are truncated or not a safetensors file "
+                         f"({type(exc).__name__}: {str(exc)[:150]}); {fix}") from exc
+    for key, t in state.items():
+        layer, _, rest = key.partition(".processor")
+        try:
+            attn = unet.get_submodule(layer)
+        except AttributeError as exc:
+            raise ValueError(f"Custom Diffusion weights {path} name the layer {layer!r}, which this UNet does not have: "
+                             f"they were saved from another model; {fix}") from exc
+        if t.numel() == 0 or not rest:
+            continue
+        parts = rest.strip(".").split(".")  # e.g. ["to_k_custom_diffusion", "weight"], ["to_out_custom_diffusion", "0", "bias"]
+        ref = getattr(attn, parts[0].replace("_custom_diffusion", ""), None)
+        if isinstance(ref, torch.nn.ModuleList):
+            ref = ref[0]
+        want = getattr(ref, parts[-1], None) if ref is not None else None
+        if want is not None and tuple(want.shape) != tuple(t.shape):
+            raise ValueError(f"Custom Diffusion weights {path}: {key} has shape {tuple(t.shape)} but this world's UNet "
+                             f"needs {tuple(want.shape)}: they were saved in a world of another shape; {fix}")
+        if not bool(torch.isfinite(t.float()).all()):
+            raise ValueError(f"Custom Diffusion weights {path}: {key} holds NaN or infinite values; {fix}")
+    return state
+
+
 @dataclass(frozen=True)
 class CustomDiffusionConfig(FineTuneConfig):
     weights_lr: float = 4e-5  # the official script's 1e-5 · batch 2 · 2 (prior preservation), its --scale_lr
@@ -224,7 +258,7 @@ class CustomDiffusion:
         return folder
 
     def load(self, pipe, folder: str | Path) -> Handle:
-        """diffusers' ``pipe.unet.load_attn_procs`` and ``pipe.load_textual_inversion`` (through
+        """diffusers' ``pipe.unet.load_attn_procs`` (the file checked first: :func:`read_weights`) and ``pipe.load_textual_inversion`` (through
         :func:`~compinv_utils.inversion.load_embedding`, which checks the file first)."""
         folder = Path(folder)
         check_info(folder, self.name)
@@ -234,6 +268,7 @@ class CustomDiffusion:
         original = dict(unet.attn_processors)
         from ..world import quiet_loading
 
+        read_weights(unet, folder / WEIGHT_NAME)  # a truncated file or one of another model: an error naming it
         with quiet_loading():  # the loader casts the UNet to its own dtype, and diffusers warns about any cast
             unet.load_attn_procs(str(folder), weight_name=WEIGHT_NAME, _pipeline=pipe)
         def check():
@@ -250,8 +285,6 @@ class CustomDiffusion:
         with its token and class) and change the original least on :func:`regularisation_prompts` captions of
         ``nouns`` (the world's nouns, ``world.concepts``; needed for two or more folders). One folder loads as
         :meth:`load` does."""
-        from safetensors.torch import load_file
-
         from ..inversion import TEMPLATES
 
         folders = [Path(f) for f in folders]
@@ -265,7 +298,7 @@ class CustomDiffusion:
             check_info(folder, self.name)
             if not (folder / WEIGHT_NAME).is_file():
                 raise FileNotFoundError(f"no Custom Diffusion weights {folder / WEIGHT_NAME}")
-            states.append(load_file(str(folder / WEIGHT_NAME)))
+            states.append(read_weights(pipe.unet, folder / WEIGHT_NAME))
             info = folder / INFO_FILE
             infos.append(json.loads(info.read_text()) if info.exists() else {})
         unet = pipe.unet

@@ -42,6 +42,23 @@ DREAMBOOTH_LAMBDA = 0.6  # the paper's text for its DreamBooth block on SD 1.5: 
 OFFICIAL_SCRIPT_LAMBDA = 0.4  # scripts/compositional_dreambooth.sh: recons 0.6, anchor 0.4
 
 
+def _check_unet_folder(folder: Path) -> list[Path]:
+    """The safetensors weight files of a saved concept's UNet; an error that names the folder when there is no UNet,
+    or when its weights are only in a pickle format (``.bin``, ``.pt``, ``.ckpt``: loading one could run code)."""
+    unet = folder / UNET_FOLDER
+    found = sorted(unet.glob("*.safetensors"))
+    if not (unet / "config.json").is_file() or not found:
+        others = sorted(p.name for p in folder.rglob("*") if p.is_file() and p.suffix in (".bin", ".pt", ".pth", ".ckpt",
+                                                                                         ".pkl", ".pickle"))
+        if others:
+            raise ValueError(f"{folder} holds no safetensors UNet ({unet}/config.json and *.safetensors) but the pickle "
+                             f"file(s) {others[:3]}: this tutorial does not load pickles (they can run code); save the "
+                             "UNet with save_pretrained(..., safe_serialization=True), e.g. get_method('dreambooth').save")
+        raise FileNotFoundError(f"no fine-tuned UNet in {unet} (config.json and *.safetensors): fit and save the concept "
+                                "with get_method('dreambooth')")
+    return found
+
+
 @dataclass(frozen=True)
 class DreamBoothConfig(FineTuneConfig):
     weights_lr: float = 1e-5  # the official compositional script's rate (diffusers' example: 5e-6)
@@ -106,13 +123,22 @@ class DreamBooth:
 
         folder = Path(folder)
         check_info(folder, self.name)
-        if not (folder / UNET_FOLDER / "config.json").is_file():
-            raise FileNotFoundError(f"no fine-tuned UNet in {folder / UNET_FOLDER}")
+        _check_unet_folder(folder)
         original = pipe.unet
-        with quiet_loading():
-            unet = UNet2DConditionModel.from_pretrained(folder / UNET_FOLDER, torch_dtype=original.dtype)
-            unet = unet.to(original.device)
-        pipe.unet = unet.eval()
+        try:
+            with quiet_loading():
+                unet = UNet2DConditionModel.from_pretrained(folder / UNET_FOLDER, torch_dtype=original.dtype,
+                                                            use_safetensors=True)
+        except Exception as exc:  # noqa: BLE001 - diffusers raises several error types for a bad file
+            raise ValueError(f"cannot read the fine-tuned UNet in {folder / UNET_FOLDER}: a file is truncated or corrupt "
+                             f"({type(exc).__name__}: {str(exc)[:200]}); fit and save the concept again") from exc
+        theirs, ours = unet.state_dict(), original.state_dict()
+        wrong = [k for k in ours if k not in theirs or tuple(theirs[k].shape) != tuple(ours[k].shape)]
+        if wrong or set(theirs) - set(ours):
+            raise ValueError(f"the UNet in {folder / UNET_FOLDER} is not a fine-tuned copy of this pipeline's UNet "
+                             f"({(wrong or sorted(set(theirs) - set(ours)))[0]} differs): it was fitted in a world of "
+                             "another shape; fit the concept again in this world")
+        pipe.unet = unet.to(original.device).eval()
         return finish_load(pipe, folder, Handle("", unet=original))
 
     def compose(self, pipe, folders, nouns=None) -> Handle:
@@ -131,10 +157,7 @@ class DreamBooth:
         files = []
         for folder in folders:
             check_info(folder, self.name)
-            found = sorted((folder / UNET_FOLDER).glob("*.safetensors"))
-            if not (folder / UNET_FOLDER / "config.json").is_file() or not found:
-                raise FileNotFoundError(f"no fine-tuned UNet in {folder / UNET_FOLDER}")
-            files.append(found)
+            files.append(_check_unet_folder(folder))
         original = pipe.unet
         base = original.state_dict()
         unet = copy.deepcopy(original)  # one more UNet in memory; the fine-tuned ones are read tensor by tensor
