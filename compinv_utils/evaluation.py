@@ -300,6 +300,15 @@ def _write_cache(cache: Path, settings: dict, made_from: dict, done: dict, dropp
         write_text(cache, json.dumps({"settings": settings, "made_from": made_from, "groups": done}, indent=0))
 
 
+def guidance_settings(guidance) -> dict:
+    """What a cache records of the sampler's guidance: a :class:`GuidanceConfig`'s fields, or an objective's name
+    and its config's fields (:class:`~compinv_utils.guidance.Objective`, e.g. Attend-and-Excite)."""
+    if isinstance(guidance, GuidanceConfig):
+        return asdict(guidance)
+    config = getattr(guidance, "config", None)
+    return {"objective": type(guidance).__name__, **(asdict(config) if config is not None else {})}
+
+
 def table1(world, partners_for, inversions: dict, layouts: Layouts, inv_seeds: Sequence[int] = (0, 1, 2),
            seeds: int = 2, pair_seeds: int = 2, methods: Sequence[str] = tuple(METHODS), concepts=None,
            cache: str | Path | None = None, guidance: GuidanceConfig = GuidanceConfig(),
@@ -323,7 +332,7 @@ def table1(world, partners_for, inversions: dict, layouts: Layouts, inv_seeds: S
 
     inv = get_method(inversion_method)
     concepts = list(world.concepts_of_interest if concepts is None else concepts)
-    settings = {"seeds": seeds, "pair_seeds": pair_seeds, "guidance": asdict(guidance),
+    settings = {"seeds": seeds, "pair_seeds": pair_seeds, "guidance": guidance_settings(guidance),
                 "inversions": {k: "/".join(Path(v).resolve().parts[-2:]) for k, v in sorted(inversions.items())}}
     if inv.name != "ti":  # TI's caches keep the settings they were made with
         settings["inversion_method"] = inv.name

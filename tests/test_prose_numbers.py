@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("0[1-7]_*.ipynb"))
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("0[1-9]_*.ipynb"))
 DECIMAL = re.compile(r"(?<![\w.])(?<!SD )[+\-−]?\d+\.\d+")  # "SD 1.5" names a model, not a result
 
 
