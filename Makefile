@@ -36,9 +36,12 @@ tutorial: install
 	$(BIN)/nbstripout --keep-output --keep-count --extra-keys 'metadata.language_info' notebooks/*.ipynb notebooks/solutions/*.ipynb
 	@echo "All chapters ran; outputs are in notebooks/."
 
+# Two pytest workers of one thread each (pytest-xdist): both cores busy, never oversubscribed; a notebook's cells stay
+# together on one worker, in order (--dist loadfile).
+TEST_WORKERS ?= 2
 test: install check-stripped
-	$(BIN)/python -m pytest -q tests
-	$(BIN)/python -m pytest -q --nbval-lax --nbval-current-env notebooks/
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --nbval-lax --nbval-current-env notebooks/
 
 test-fast: install
 	$(BIN)/python -m pytest -q tests -m "not slow"
