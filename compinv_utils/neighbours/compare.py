@@ -32,7 +32,7 @@ from ..anchors import AnchorLoss
 from ..evaluation import inversion_file, load_layouts, table1
 from ..files import write_text
 from ..guidance import GuidanceConfig, guided_generate
-from ..inversion import InversionConfig, invert_or_load, load_embedding, unload
+from ..inversion import InversionConfig, invert, invert_or_load, load_embedding, unload
 from ..progress import bar
 from .attend_excite import AttendExcite
 from .classdiffusion import SemanticPreservationLoss
@@ -71,6 +71,11 @@ def make_guidance(name: str):
     raise ValueError(f"unknown guidance {name!r}; choose from {GUIDANCES}")
 
 
+def plain_root(world) -> Path:
+    """Plain TI's inversions (chapter 01's)."""
+    return Path(world.data_dir) / "inversions" / "plain"
+
+
 def inversion_root(world, name: str) -> Path:
     """Where the inversions of loss ``name`` live (the anchors': chapter 03's, at the world's λ)."""
     if name == "anchors":
@@ -102,7 +107,7 @@ def semantic_table(world, name: str, inv_seeds: Sequence[int] = (0,), recompute:
 def spatial_table(world, name: str, inv_seeds: Sequence[int] = (0,), progress: bool = False) -> list[dict]:
     """Table 1's ``+spatial`` records with guidance ``name`` on plain TI's inversions (chapter 01's)."""
     seeds = world.settings.gen_seeds
-    return table1(world, lambda c: M.partners(world, c), {"plain": Path(world.data_dir) / "inversions" / "plain"},
+    return table1(world, lambda c: M.partners(world, c), {"plain": plain_root(world)},
                   load_layouts(world), inv_seeds=tuple(inv_seeds), seeds=seeds, pair_seeds=seeds,
                   methods=("+spatial",), guidance=make_guidance(name), cache=root(world) / f"table1_{name}.json",
                   progress=progress)
@@ -121,8 +126,7 @@ def row_images(world, label: str, concept, inv_seed: int = 0, seeds: int = 1) ->
     if label not in ROWS:
         raise ValueError(f"unknown row {label!r}; choose from {list(ROWS)}")
     method, name = ROWS[label]
-    plain = {"plain": Path(world.data_dir) / "inversions" / "plain"}
-    inversions = plain | ({"semantic": inversion_root(world, name)} if method == "+semantic" else {})
+    inversions = {"plain": plain_root(world)} | ({"semantic": inversion_root(world, name)} if method == "+semantic" else {})
     if method == "+semantic":
         invert_neighbour(world, concept, name, inv_seed)
         unload(world.pipe, concept.token)
@@ -151,6 +155,27 @@ def dreambench_rows(world, models, labels: Sequence[str] = tuple(ROWS), inv_seed
     return out
 
 
+def table_records(world, inv_seed: int = 0) -> list[dict]:
+    """Table 1's records of every row of :data:`ROWS` for inversion seed ``inv_seed``, each labelled with its row's
+    name in ``"method"``: TI, the anchors and spatial inversion from chapter 06's caches, the neighbours from
+    theirs (:func:`semantic_table`, :func:`spatial_table`; made where missing). Same prompts and seeds in every row."""
+    seeds, data = world.settings.gen_seeds, Path(world.data_dir)
+    kw = dict(inv_seeds=tuple(range(world.settings.inversion_seeds)), seeds=seeds, pair_seeds=seeds, progress=False)
+    layouts, partners = load_layouts(world), (lambda c: M.partners(world, c))
+    base = table1(world, partners, {"plain": plain_root(world)}, layouts, methods=("TI", "+spatial"),
+                  cache=data / "evaluation" / "table1_plain.json", **kw)
+    base += table1(world, partners, {"semantic": inversion_root(world, "anchors")}, layouts, methods=("+semantic", "+both"),
+                   cache=data / "evaluation" / f"table1_lambda{world.settings.lam:g}.json", **kw)
+    out = []
+    for label, (method, name) in ROWS.items():
+        if name in (None, "anchors", "spatial"):  # the paper's rows: chapter 06's records
+            recs = base
+        else:
+            recs = semantic_table(world, name) if method == "+semantic" else spatial_table(world, name)
+        out += [r | {"method": label} for r in recs if r["method"] == method and r["inv_seed"] == inv_seed]
+    return out
+
+
 def _multi_prompt(concept, partners: Sequence[str]) -> str:
     objects = [f"a {concept.token} {concept.superclass}"] + [M.article(x) for x in partners]
     return objects[0] + " and " + objects[1] if len(objects) == 2 else ", ".join(objects[:-1]) + " and " + objects[-1]
@@ -172,7 +197,7 @@ def multi_object(world, method: str, inv_seed: int = 0, counts: Sequence[int] = 
         if method in LOSSES:
             invert_neighbour(world, c, method, inv_seed)
         else:
-            load_embedding(world.pipe, inversion_file(Path(world.data_dir) / "inversions" / "plain", c.name, inv_seed))
+            load_embedding(world.pipe, inversion_file(plain_root(world), c.name, inv_seed))
         partners = M.partners(world, c)[:MULTI_PARTNERS]
         for k in counts:
             if boxed and k != 2:
@@ -226,13 +251,11 @@ def measure_cost(world, name: str, steps: int = 10, images: int = 4) -> dict:
     if name in LOSSES or name == "TI":
         loss = None if name == "TI" else make_loss(world, c, name)
         unload(world.pipe, c.token)
-        from ..inversion import invert
-
         invert(world.pipe, c.photos, c.token, c.superclass, InversionConfig(steps=steps), loss_fn=loss, progress=False)
         unload(world.pipe, c.token)
         per, unit = (time.perf_counter() - t0) / steps, "s per inversion step"
     else:
-        load_embedding(world.pipe, inversion_file(Path(world.data_dir) / "inversions" / "plain", c.name, 0))
+        load_embedding(world.pipe, inversion_file(plain_root(world), c.name, 0))
         partner = M.partners(world, c)[0]
         words = [c.token, partner]
         boxes = list(load_layouts(world).boxes(world.pipe, *words))
