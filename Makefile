@@ -53,10 +53,10 @@ test-slow: install
 # committed world: the VAE (its UNet is replaced), then the UNet alone on that VAE, then that UNet continued, then
 # the detector on scenes that include the held-out pairs; the CLIP is data/toy's.
 toy-world: install
-	$(BIN)/python -m compinv_utils.toy.train --out runs/world3 --profile cpu-full --stages vae,unet --from data/toy --workers 2 --cache-dir runs/cache
-	$(BIN)/python -m compinv_utils.toy.train --out runs/world4 --profile cpu-full --stages unet --from runs/world3 --unet-steps 9000 --workers 2 --cache-dir runs/cache
-	$(BIN)/python -m compinv_utils.toy.train --out runs/world5 --profile cpu-full --stages unet --from runs/world4 --init-unet runs/world4/pipeline/unet --unet-steps 8000 --workers 2 --cache-dir runs/cache
-	$(BIN)/python -m compinv_utils.toy.train --out runs/world5 --profile cpu-full --stages detector --det-steps 2500 --det-batch 128 --workers 2 --cache-dir runs/cache
+	$(BIN)/python -m compinv_utils.worldbuilding.train --out runs/world3 --profile cpu-full --stages vae,unet --from data/toy --workers 2 --cache-dir runs/cache
+	$(BIN)/python -m compinv_utils.worldbuilding.train --out runs/world4 --profile cpu-full --stages unet --from runs/world3 --unet-steps 9000 --workers 2 --cache-dir runs/cache
+	$(BIN)/python -m compinv_utils.worldbuilding.train --out runs/world5 --profile cpu-full --stages unet --from runs/world4 --init-unet runs/world4/pipeline/unet --unet-steps 8000 --workers 2 --cache-dir runs/cache
+	$(BIN)/python -m compinv_utils.worldbuilding.train --out runs/world5 --profile cpu-full --stages detector --det-steps 2500 --det-batch 128 --workers 2 --cache-dir runs/cache
 	@echo "The rebuilt world is in runs/world5: COMPINV_TOY_DIR=runs/world5 make evaluate-world measures it."
 
 # The UNet on one lent GPU in one call of under 10 minutes (run on an H200: data/toy/logs/gpu_unet_runs.json):
@@ -78,12 +78,12 @@ GPU_DATA_ARGS ?=
 GPU_FROM ?= data/toy
 GPU_OUT ?= runs/world-gpu
 toy-world-gpu:
-	$(GPU_PYTHON) -m compinv_utils.toy.train --profile $(GPU_PROFILE) --data-only --cache-dir runs/cache $(GPU_DATA_ARGS)
-	$(GPU_PYTHON) -m compinv_utils.toy.train --out $(GPU_OUT) --profile $(GPU_PROFILE) --device $(GPU_DEVICE) --stages $(GPU_STAGES) --from $(GPU_FROM) --unet-minutes $(GPU_UNET_MINUTES) --unet-widths $(GPU_UNET_WIDTHS) --cache-dir runs/cache $(GPU_ARGS)
+	$(GPU_PYTHON) -m compinv_utils.worldbuilding.train --profile $(GPU_PROFILE) --data-only --cache-dir runs/cache $(GPU_DATA_ARGS)
+	$(GPU_PYTHON) -m compinv_utils.worldbuilding.train --out $(GPU_OUT) --profile $(GPU_PROFILE) --device $(GPU_DEVICE) --stages $(GPU_STAGES) --from $(GPU_FROM) --unet-minutes $(GPU_UNET_MINUTES) --unet-widths $(GPU_UNET_WIDTHS) --cache-dir runs/cache $(GPU_ARGS)
 	@echo "The rebuilt world is in $(GPU_OUT): COMPINV_TOY_DIR=$(GPU_OUT) make evaluate-world measures it."
 
 evaluate-world: install
-	$(BIN)/python -m compinv_utils.toy.evaluate --out $${COMPINV_TOY_DIR:-data/toy}/quality.json
+	$(BIN)/python -m compinv_utils.worldbuilding.quality --out $${COMPINV_TOY_DIR:-data/toy}/quality.json
 
 strip:
 	$(BIN)/nbstripout --keep-output --keep-count --extra-keys 'metadata.language_info' notebooks/*.ipynb notebooks/solutions/*.ipynb

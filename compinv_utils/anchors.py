@@ -36,7 +36,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-METHODS = ("nnomp", "omp", "lasso")
+from .maths import TINY
+from .tokens import padded_ids
+
+SPARSE_CODERS = ("nnomp", "omp", "lasso")
 CHOICES = ("semantic", "recode")  # how the anchors are chosen (see the module docstring)
 
 
@@ -66,7 +69,7 @@ def anchor_embeddings(pipe, words: Sequence[str]) -> torch.Tensor:
     return torch.stack(rows).cpu()
 
 
-def sparse_weights(e: torch.Tensor, anchors: torch.Tensor, c: int, method: str = "nnomp") -> np.ndarray:
+def sparse_weights(e: torch.Tensor, anchors: torch.Tensor, c: int, coder: str = "nnomp") -> np.ndarray:
     """Sparse weights δ ``(K,)``: ``δ ≥ 0``, ``Σ δ = 1``, at most ``c`` non-zero, coding ``e`` ``(D,)`` on
     the unit-normalised rows of ``anchors`` ``(K, D)``."""
     from scipy.optimize import nnls
@@ -75,26 +78,26 @@ def sparse_weights(e: torch.Tensor, anchors: torch.Tensor, c: int, method: str =
     k = len(anchors)
     if not 1 <= c <= k:
         raise ValueError(f"c must be between 1 and the number of anchors ({k}), got {c}")
-    if method not in METHODS:
-        raise ValueError(f"unknown sparse coder {method!r}; choose one of {METHODS}")
+    if coder not in SPARSE_CODERS:
+        raise ValueError(f"unknown sparse coder {coder!r}; choose one of {SPARSE_CODERS}")
     A = anchors.double().numpy()
     A = A / np.linalg.norm(A, axis=1, keepdims=True)
     x = e.double().numpy()
-    if method == "lasso":
+    if coder == "lasso":
         model = LassoLars(alpha=1e-6, positive=True, max_iter=c, fit_intercept=False).fit(A.T, x)
         w = np.clip(model.coef_, 0, None)
     else:
         with warnings.catch_warnings():  # e equal to an anchor (as at the start) ends OMP early: expected
             warnings.simplefilter("ignore", RuntimeWarning)
             coef = orthogonal_mp(A.T, x, n_nonzero_coefs=c)
-        if method == "omp":
+        if coder == "omp":
             w = np.abs(coef)
         else:
             support = np.flatnonzero(coef)
             w = np.zeros(k)
             if len(support):
                 w[support], _ = nnls(A[support].T, x)
-    w[w < 1e-6 * max(w.max(), 1e-12)] = 0.0
+    w[w < 1e-6 * max(w.max(), TINY)] = 0.0
     if w.sum() <= 0:  # e points away from every anchor: fall back to the single most similar one
         w = np.zeros(k)
         w[int(np.argmax(A @ x))] = 1.0
@@ -115,18 +118,18 @@ class AnchorLoss:
     ``last_log`` holds the current anchors and weights (the inversion keeps one entry per step).
     """
 
-    def __init__(self, pipe, words: Sequence[str], lam: float = 0.95, c: int = 3, method: str = "nnomp",
+    def __init__(self, pipe, words: Sequence[str], lam: float = 0.95, c: int = 3, coder: str = "nnomp",
                  refresh_every: int = 25, choice: str = "semantic"):
         """``lam`` defaults to the paper's 0.95 (SD 1.5); :meth:`for_world` takes the world's own λ.
         ``choice``: ``"semantic"`` (the class word and its nearest anchors, fixed) or ``"recode"`` (sparse-coded
-        from the current embedding every ``refresh_every`` steps with ``method``)."""
+        from the current embedding every ``refresh_every`` steps with the sparse ``coder``)."""
         words = words if isinstance(words, str) else list(words)
         if isinstance(words, str) or not all(isinstance(w, str) for w in words):
             raise TypeError(f"words must be a list of anchor words, e.g. ['cat', 'dog'], got {words!r}")
         if len(words) == 0:
             raise ValueError("no anchor words given: pass a non-empty list, e.g. the world's nouns")
-        if method not in METHODS:
-            raise ValueError(f"unknown sparse coder {method!r}; choose one of {METHODS}")
+        if coder not in SPARSE_CODERS:
+            raise ValueError(f"unknown sparse coder {coder!r}; choose one of {SPARSE_CODERS}")
         if choice not in CHOICES:
             raise ValueError(f"unknown anchor choice {choice!r}; choose one of {CHOICES}")
         if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in (c, refresh_every)):
@@ -138,7 +141,7 @@ class AnchorLoss:
             raise ValueError(f"c must be between 1 and the number of anchors ({len(self.words)}), got {c}")
         if refresh_every < 1:
             raise ValueError(f"refresh_every must be >= 1, got {refresh_every}")
-        self.c, self.method, self.refresh_every, self.choice = c, method, refresh_every, choice
+        self.c, self.coder, self.refresh_every, self.choice = c, coder, refresh_every, choice
         self.delta: torch.Tensor | None = None
         self.last_log: dict = {}
 
@@ -171,11 +174,11 @@ class AnchorLoss:
         """Anchored on the world's nouns with the world's λ and c (``world.settings``) unless given."""
         kwargs.setdefault("lam", world.settings.lam)
         kwargs.setdefault("c", world.settings.anchors_c)
-        return cls(world.pipe, world.concepts, **kwargs)
+        return cls(world.pipe, world.nouns, **kwargs)
 
     def code(self, e: torch.Tensor) -> torch.Tensor:
         """δ for each vector of ``e`` ``(n, D)``, averaged over vectors (still ≤ c per vector)."""
-        ws = [sparse_weights(v.detach().float().cpu(), self.anchors, self.c, self.method) for v in e]
+        ws = [sparse_weights(v.detach().float().cpu(), self.anchors, self.c, self.coder) for v in e]
         return torch.tensor(np.mean(ws, 0), dtype=torch.float32)
 
     def __call__(self, rec: torch.Tensor, e: torch.Tensor, step: int) -> torch.Tensor:
@@ -222,13 +225,12 @@ class OfficialAnchorLoss:
         self.lam = check_lambda(lam)
         anchor_embeddings(pipe, [word])  # validates the word
         tok = pipe.tokenizer
-        self.kw = dict(padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
         subject = f"{token} {superclass or word}"
         self.pipe, self.token, self.prompt = pipe, token, template.format(subject)
         self.reference = template.format(subject.replace(token, word))
         self.ids_token = None  # tokenized at the first call: the placeholder is added by the inversion itself
         with torch.no_grad():
-            ids_word = tok(self.reference, **self.kw).input_ids.to(pipe.text_encoder.device)
+            ids_word = padded_ids(tok, self.reference, pipe.text_encoder.device)
             self.target = embedding_layer(pipe.text_encoder)(input_ids=ids_word).float()
         self.last_log: dict = {}
 
@@ -236,7 +238,7 @@ class OfficialAnchorLoss:
         if self.ids_token is None:
             if self.token not in self.pipe.tokenizer.get_vocab():
                 raise ValueError(f"placeholder {self.token!r} is not in the tokenizer: use this loss inside invert()")
-            self.ids_token = self.pipe.tokenizer(self.prompt, **self.kw).input_ids.to(self.pipe.text_encoder.device)
+            self.ids_token = padded_ids(self.pipe.tokenizer, self.prompt, self.pipe.text_encoder.device)
             if self.ids_token.shape != self.target.shape[:2]:
                 raise ValueError("the prompt and its reference tokenize to different lengths")
         out = embedding_layer(self.pipe.text_encoder)(input_ids=self.ids_token).float()

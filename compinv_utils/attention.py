@@ -299,32 +299,6 @@ def attention_store(unet, store: AttentionStore | None = None):
         unet.set_attn_processor(dict(saved))
 
 
-def token_indices(tokenizer, prompt: str, word: str) -> list[int]:
-    """Positions of ``word``'s token(s) in the tokenized ``prompt`` (with the start token at 0).
-
-    A multi-vector placeholder (``<t>`` with ``<t>_1`` …) is expanded as diffusers' loader does.
-    """
-    vocab = tokenizer.get_vocab()
-    words = [word] + [f"{word}_{i}" for i in range(1, 64) if f"{word}_{i}" in vocab]
-    expand = lambda text: text.replace(word, " ".join(words)) if len(words) > 1 else text  # noqa: E731
-    ids = tokenizer(expand(prompt)).input_ids
-    target = tokenizer(" ".join(words), add_special_tokens=False).input_ids
-    for start in range(len(ids) - len(target) + 1):
-        if ids[start:start + len(target)] == target:
-            limit = tokenizer.model_max_length - 1  # the last position holds the end token
-            if start + len(target) > limit:
-                raise ValueError(f"{word!r} is at token {start} of the prompt {prompt!r}, past the {limit} tokens the "
-                                 "text encoder reads; shorten the prompt")
-            return list(range(start, start + len(target)))
-    raise ValueError(f"{word!r} does not occur in the prompt {prompt!r}")
-
-
-def prompt_token_positions(tokenizer, prompt: str) -> list[int]:
-    """Positions of the prompt's word tokens (no start, end or padding tokens)."""
-    ids = tokenizer(prompt).input_ids
-    return list(range(1, len(ids) - 1))
-
-
 def relative_similarity(sim: torch.Tensor, token: list[int], others: list[int]) -> torch.Tensor:
     """Fig. 3's statistic: a token's mean q·k similarity minus the mean over the prompt's other word tokens.
 

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .course import Claims, setup_figures
-from .world import World, load_world, seed_everything, shown_path
+from .paths import shown_path
+from .runtime import seed_everything
+from .world import World, load_world
 
 HUB_WORLDS = ("sd15",)  # worlds whose weights come from the Hugging Face hub; every other world stays offline
 

@@ -14,6 +14,8 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from .maths import unit
+
 DINO_ID = "facebook/dino-vits16"  # DreamBench's DINO: ViT-S/16
 CLIP_ID = "openai/clip-vit-base-patch32"  # DreamBench's CLIP: ViT-B/32
 
@@ -36,8 +38,7 @@ def load_models(device: str | torch.device = "cpu") -> DreamBenchModels:
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
-    x = x.float().cpu()
-    return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    return unit(x.float().cpu())
 
 
 def _check(images: Sequence[Image.Image], photos: Sequence[Image.Image] | None = None) -> None:

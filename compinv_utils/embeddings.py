@@ -17,17 +17,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-
-def token_ids(tokenizer, word: str) -> list[int]:
-    """The ids of ``word`` (no special tokens); a multi-vector placeholder gives all its vectors."""
-    vocab = tokenizer.get_vocab()
-    if word in vocab:
-        extra = [f"{word}_{i}" for i in range(1, 256) if f"{word}_{i}" in vocab]
-        return tokenizer.convert_tokens_to_ids([word] + extra)
-    ids = tokenizer(word, add_special_tokens=False).input_ids
-    if not ids:
-        raise ValueError(f"{word!r} has no tokens")
-    return ids
+from .maths import TINY, ratio
+from .tokens import padded_ids, token_ids, token_indices
 
 
 @torch.no_grad()
@@ -40,14 +31,11 @@ def input_embeddings(pipe, words: Sequence[str]) -> torch.Tensor:
 @torch.no_grad()
 def encoder_outputs(pipe, words: Sequence[str], template: str = "a photo of a {}") -> torch.Tensor:
     """The text encoder's output (last hidden state) at each word's last token inside ``template``: ``(N, D)``."""
-    from .attention import token_indices
-
     out = []
     for w in words:
         prompt = template.format(w)
         pos = token_indices(pipe.tokenizer, prompt, w)[-1]
-        ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(pipe.text_encoder.device)
+        ids = padded_ids(pipe.tokenizer, prompt, pipe.text_encoder.device)
         out.append(pipe.text_encoder(ids)[0][0, pos].float().cpu())
     return torch.stack(out)
 
@@ -59,8 +47,8 @@ def norms(x: torch.Tensor) -> torch.Tensor:
 def energy_entropy(x: torch.Tensor) -> torch.Tensor:
     """Entropy in nats of ``p_d = x_d**2 / ||x||**2`` for each row of ``x`` ``(N, D)``; at most ``log D``."""
     p = x.float() ** 2
-    p = p / p.sum(-1, keepdim=True).clamp(min=1e-12)
-    return -(p * torch.log(p.clamp(min=1e-12))).sum(-1)
+    p = ratio(p, p.sum(-1, keepdim=True))
+    return -(p * torch.log(p.clamp(min=TINY))).sum(-1)
 
 
 def knn_distance(x: torch.Tensor, ref: torch.Tensor, k: int = 3, exclude_self: bool = False) -> torch.Tensor:

@@ -39,17 +39,21 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import layout as L
 from .files import write_text
-from . import metrics as M
 from .guidance import GuidanceConfig, guided_generate
 from .inversion import load_embedding, unload
+from .layout import Box, load_layout_mlp, nearest_noun, predict_boxes
+from .measures import all_found, coi_found, found, image_alignment, object_alignment, text_alignment
 from .methods import get_method
 from .progress import bar
+from .prompts import article, pair_prompt
+from .statistics import cluster_t_interval
 
-# method -> (which inversion, guided?)
-METHODS: dict[str, tuple[str, bool]] = {"TI": ("plain", False), "+semantic": ("semantic", False),
-                                        "+spatial": ("plain", True), "+both": ("semantic", True)}
+# Table 1's methods, as the paper names its rows -> (which inversion, guided?). Records and caches name a record's
+# method under "method" and the block it belongs to (the inversion method that made the concepts) under
+# "inversion_method".
+TABLE1_METHODS: dict[str, tuple[str, bool]] = {"TI": ("plain", False), "+semantic": ("semantic", False),
+                                               "+spatial": ("plain", True), "+both": ("semantic", True)}
 METRICS = ("text_alignment", "coi", "all_found", "class_found", "first_found", "image_alignment", "object_alignment")
 
 
@@ -61,7 +65,7 @@ class Layouts:
     features: dict  # noun -> feature vector the MLP was trained on
     nouns: Sequence[str] = field(default_factory=list)
 
-    def boxes(self, pipe, first: str, second: str) -> tuple[L.Box, L.Box]:
+    def boxes(self, pipe, first: str, second: str) -> tuple[Box, Box]:
         """Boxes for two words: nouns of ``features`` as they are; a loaded placeholder (an added token such as
         ``<mochi>``) by its nearest noun. Any other word is refused rather than mapped to a noun it is not."""
         nouns = list(self.nouns or self.features)
@@ -71,22 +75,22 @@ class Layouts:
                 kind = ("a placeholder that is not loaded: load its embedding first" if w.startswith("<") else
                         "neither one of the layout MLP's nouns nor a loaded placeholder")
                 raise ValueError(f"{w!r} is {kind} (the nouns: {', '.join(nouns[:12])}…)")
-        a = first if first in self.features else L.nearest_noun(pipe, first, nouns)
-        b = second if second in self.features else L.nearest_noun(pipe, second, nouns)
-        return L.predict_boxes(self.mlp, self.features[a], self.features[b])
+        a = first if first in self.features else nearest_noun(pipe, first, nouns)
+        b = second if second in self.features else nearest_noun(pipe, second, nouns)
+        return predict_boxes(self.mlp, self.features[a], self.features[b])
 
 
 def load_layouts(world, path: str | Path | None = None) -> Layouts:
     """The layout MLP chapter 04 saved (``<data>/<world>/layout/layout_mlp.pt``) with the features of the world's
     nouns it was trained on (input embeddings or encoder outputs, as the file says)."""
-    from . import embeddings as E
+    from .embeddings import encoder_outputs, input_embeddings
 
     path = Path(world.data_dir) / "layout" / "layout_mlp.pt" if path is None else Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no layout MLP at {path}: run chapter 04 first")
-    mlp, feature_name = L.load_layout_mlp(path)
-    feats = E.input_embeddings if feature_name == "input embedding" else E.encoder_outputs
-    features = dict(zip(world.concepts, feats(world.pipe, world.concepts)))
+    mlp, feature_name = load_layout_mlp(path)
+    feats = input_embeddings if feature_name == "input embedding" else encoder_outputs
+    features = dict(zip(world.nouns, feats(world.pipe, world.nouns)))
     dim = next(iter(features.values())).shape[0]
     if dim != mlp.dim:
         raise ValueError(f"the layout MLP in {path} takes features of dimension {mlp.dim}, but the {world.name} world's "
@@ -119,24 +123,24 @@ def _group_key(setting: str, method: str, names: Sequence[str], inv_seed: int) -
 def evaluate_group(world, setting: str, method: str, concepts: Sequence, partners: Sequence[str], seeds: int,
                    inversions: dict, inv_seed: int = 0, layouts: Layouts | None = None,
                    guidance: GuidanceConfig = GuidanceConfig(), batch_size: int = 16,
-                   images_out: list | None = None, inversion_method: str = "ti") -> list[dict]:
+                   images_out: list | None = None, block: str = "ti") -> list[dict]:
     """The records of one concept (``setting="noun"``, one prompt per partner and seed) or one pair of
     concepts (``setting="concept"``, one prompt per seed) under one method, with the concepts' inversions
     of seed ``inv_seed``. ``inversions`` maps "plain" and "semantic" to the folders that hold them
     (:func:`inversion_folder`). The images are appended to ``images_out`` when it is given.
 
-    ``inversion_method``: which inversion method (:mod:`compinv_utils.methods`) made the concepts: ``"ti"``
+    ``block``: the inversion method (:mod:`compinv_utils.methods`) that made the concepts: ``"ti"``
     (textual inversion, the default), ``"custom_diffusion"`` or ``"dreambooth"``; its ``load``/``unload`` put each
     concept into the world's pipeline and restore it. Records of a method other than TI say which in
     ``"inversion_method"``. Two concepts are put into one pipeline by the method's ``compose`` (textual
     inversion: both embeddings; Custom Diffusion: its closed-form merge of the two key/value fine-tunes;
     DreamBooth: the sum of the two UNets' weight changes — see each method)."""
-    inv = get_method(inversion_method)
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
+    inv = get_method(block)
+    if method not in TABLE1_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {list(TABLE1_METHODS)}")
     if setting not in ("noun", "concept"):
         raise ValueError(f"setting must be 'noun' or 'concept', got {setting!r}")
-    which, spatial = METHODS[method]
+    which, spatial = TABLE1_METHODS[method]
     if spatial and layouts is None:
         raise ValueError(f"method {method!r} needs the layout MLP: pass layouts=Layouts(...)")
     if which not in inversions:
@@ -153,11 +157,11 @@ def evaluate_group(world, setting: str, method: str, concepts: Sequence, partner
         if len(paths) == 1:
             handles.append(inv.load(pipe, paths[0].parent))  # replaces any embedding of the same token
         else:
-            handles.append(inv.compose(pipe, [p.parent for p in paths], nouns=world.concepts))
+            handles.append(inv.compose(pipe, [p.parent for p in paths], nouns=world.nouns))
         if setting == "noun":
             (c,) = concepts
             world.check_nouns(partners)
-            jobs = [(f"a {c.token} {c.superclass} and {M.article(x)}", x, s) for x in partners for s in range(seeds)]
+            jobs = [(f"a {c.token} {c.superclass} and {article(x)}", x, s) for x in partners for s in range(seeds)]
             objects = [[c.superclass, x] for _, x, _ in jobs]
             words = [[c.token, x] for _, x, _ in jobs]
         else:
@@ -165,7 +169,7 @@ def evaluate_group(world, setting: str, method: str, concepts: Sequence, partner
             jobs = [(f"a {c1.token} {c1.superclass} and a {c2.token} {c2.superclass}", None, s) for s in range(seeds)]
             objects = [[c1.superclass, c2.superclass]] * len(jobs)
             words = [[c1.token, c2.token]] * len(jobs)
-        texts = [M.pair_prompt(*o) for o in objects]
+        texts = [pair_prompt(*o) for o in objects]
         prompts, seed_list = [j[0] for j in jobs], [j[2] for j in jobs]
         if spatial:
             planned = {tuple(w): list(layouts.boxes(pipe, *w)) for w in words}  # one nearest-noun search per pair
@@ -177,9 +181,9 @@ def evaluate_group(world, setting: str, method: str, concepts: Sequence, partner
         if images_out is not None:
             images_out.extend(images)
         dets = world.detect(images)
-        text = M.text_alignment(world, images, texts)
-        img = np.mean([M.image_alignment(world, images, c.photos) for c in concepts], 0)
-        obj = np.stack([M.object_alignment(world, images, dets, c.superclass, world.photo_crops(c)) for c in concepts])
+        text = text_alignment(world, images, texts)
+        img = np.mean([image_alignment(world, images, c.photos) for c in concepts], 0)
+        obj = np.stack([object_alignment(world, images, dets, c.superclass, world.photo_crops(c)) for c in concepts])
         with warnings.catch_warnings():  # an image where no concept's class was found stays NaN
             warnings.simplefilter("ignore", RuntimeWarning)
             obj = np.nanmean(obj, 0)
@@ -192,7 +196,7 @@ def evaluate_group(world, setting: str, method: str, concepts: Sequence, partner
     for k, ((prompt, partner, seed), d) in enumerate(zip(jobs, dets)):
         records.append({"setting": setting, "method": method, "concepts": [c.name for c in concepts],
                         "inv_seed": inv_seed, "partner": partner, "seed": seed, "prompt": prompt,
-                        "objects": objects[k], "found": [float(M.found(d, o)) for o in objects[k]],
+                        "objects": objects[k], "found": [float(found(d, o)) for o in objects[k]],
                         "text_alignment": float(text[k]), "image_alignment": float(img[k]),
                         "object_alignment": None if np.isnan(obj[k]) else float(obj[k])})
         if inv.name != "ti":
@@ -226,9 +230,9 @@ def inversion_hash(folder: str | Path) -> str | None:
 
 
 def _where(folder: str | Path) -> str:
-    """A folder as a cache records it: resolved, relative to :func:`~compinv_utils.world.data_root` when inside it
+    """A folder as a cache records it: resolved, relative to :func:`~compinv_utils.paths.data_root` when inside it
     (so that every clone records the same), else absolute."""
-    from .world import data_root
+    from .paths import data_root
 
     folder = Path(folder).resolve()
     try:
@@ -240,7 +244,7 @@ def _where(folder: str | Path) -> str:
 def _group_made_from(setting: str, method: str, concepts: Sequence, inv_seed: int, partners: list[str] | None,
                      inversions: dict, hash_files: bool = True) -> dict:
     """What one group of :func:`table1` is made from: its partner nouns and its inversions' file hashes."""
-    which = METHODS[method][0]
+    which = TABLE1_METHODS[method][0]
     files = {c.name: (inversion_hash(inversion_folder(inversions[which], c.name, inv_seed))
                       if hash_files and which in inversions else None) for c in concepts}
     return {"partners": list(partners) if setting == "noun" else None, "files": files}
@@ -310,9 +314,9 @@ def guidance_settings(guidance) -> dict:
 
 
 def table1(world, partners_for, inversions: dict, layouts: Layouts, inv_seeds: Sequence[int] = (0, 1, 2),
-           seeds: int = 2, pair_seeds: int = 2, methods: Sequence[str] = tuple(METHODS), concepts=None,
+           seeds: int = 2, pair_seeds: int = 2, methods: Sequence[str] = tuple(TABLE1_METHODS), concepts=None,
            cache: str | Path | None = None, guidance: GuidanceConfig = GuidanceConfig(),
-           progress: bool = True, inversion_method: str = "ti") -> list[dict]:
+           progress: bool = True, block: str = "ti") -> list[dict]:
     """Every record of Table 1: each concept (and pair of concepts) under each method, once per inversion
     seed. ``partners_for(concept)`` gives a concept's partner nouns. With ``cache`` (a JSON file),
     finished groups are read from it and each new group is written as soon as it is done, so an
@@ -325,12 +329,13 @@ def table1(world, partners_for, inversions: dict, layouts: Layouts, inv_seeds: S
     with a printed message that says what differed (the old file is kept as ``*.old.json``). A cache from before
     these records is checked against the partners its records name and stamped with the current files.
 
-    ``inversion_method``: the block of Table 1 (``"ti"``, ``"custom_diffusion"``, ``"dreambooth"``; see
+    ``block``: the block of Table 1 (``"ti"``, ``"custom_diffusion"``, ``"dreambooth"``; see
     :func:`evaluate_group`)."""
     from .files import backup
-    from .world import shown_path, world_identity
+    from .paths import shown_path
+    from .world import world_identity
 
-    inv = get_method(inversion_method)
+    inv = get_method(block)
     concepts = list(world.concepts_of_interest if concepts is None else concepts)
     settings = {"seeds": seeds, "pair_seeds": pair_seeds, "guidance": guidance_settings(guidance),
                 "inversions": {k: "/".join(Path(v).resolve().parts[-2:]) for k, v in sorted(inversions.items())}}
@@ -385,7 +390,7 @@ def table1(world, partners_for, inversions: dict, layouts: Layouts, inv_seeds: S
             continue
         partners = partners_for(cs[0]) if setting == "noun" else []
         done[key] = evaluate_group(world, setting, method, cs, partners, seeds if setting == "noun" else pair_seeds,
-                                   inversions, s, layouts, guidance, inversion_method=inv.name)
+                                   inversions, s, layouts, guidance, block=inv.name)
         made_from["groups"][key] = _group_made_from(setting, method, cs, s, partners, inversions)
         if cache is not None:
             _write_cache(cache, settings, made_from, done, dropped)
@@ -393,7 +398,7 @@ def table1(world, partners_for, inversions: dict, layouts: Layouts, inv_seeds: S
 
 
 def stamp_cache(world, cache: str | Path, partners_for, inversions: dict, concepts=None,
-                inversion_method: str = "ti", hash_files: bool = True) -> list[str]:
+                block: str = "ti", hash_files: bool = True) -> list[str]:
     """Give a :func:`table1` cache made before provenance records its ``"made_from"`` without computing anything:
     the world, the inversion folders, and per group the partners (checked against those its records name) and the
     hashes of the inversion files as they are now (``hash_files=False``: recorded as unknown, e.g. for fits that
@@ -424,7 +429,7 @@ def stamp_cache(world, cache: str | Path, partners_for, inversions: dict, concep
     return left
 
 
-def table1_groups(world, methods: Sequence[str] = tuple(METHODS), concepts=None,
+def table1_groups(world, methods: Sequence[str] = tuple(TABLE1_METHODS), concepts=None,
                   inv_seeds: Sequence[int] = (0, 1, 2)) -> list[tuple]:
     """The groups of :func:`table1`, ``(setting, method, concepts, inv_seed)``: every concept with nouns, then
     every pair of concepts (:func:`concept_pairs`), under each method and inversion seed."""
@@ -448,7 +453,7 @@ def cached_groups(cache: str | Path) -> set[str]:
     return set(_read_cache(cache)[0]) if cache.exists() else set()
 
 
-def missing_groups(world, cache: str | Path, methods: Sequence[str] = tuple(METHODS), concepts=None,
+def missing_groups(world, cache: str | Path, methods: Sequence[str] = tuple(TABLE1_METHODS), concepts=None,
                    inv_seeds: Sequence[int] = (0, 1, 2)) -> list[tuple]:
     """The groups of :func:`table1` that ``cache`` does not hold yet."""
     have = cached_groups(cache)
@@ -479,7 +484,7 @@ def _cluster(record: dict) -> str:
 def summarise(records: Sequence[dict]) -> dict[tuple[str, str], dict[str, tuple[float, float, float]]]:
     """Mean and 95 % t-interval of each metric per (setting, method) over concepts (pairs of concepts in the
     concept setting), each concept's value the mean of its inversion seeds' means
-    (:func:`compinv_utils.metrics.cluster_t_interval`)."""
+    (:func:`compinv_utils.statistics.cluster_t_interval`)."""
     out: dict = {}
     for r in records:
         out.setdefault((r["setting"], r["method"]), []).append(r)
@@ -489,7 +494,7 @@ def summarise(records: Sequence[dict]) -> dict[tuple[str, str], dict[str, tuple[
         row = {"n": (len(rs),) * 3}
         for metric in METRICS:
             vals = [value(r, metric) for r in rs]
-            row[metric] = (M.cluster_t_interval(vals, cl, sub) if not np.isnan(vals).all()
+            row[metric] = (cluster_t_interval(vals, cl, sub) if not np.isnan(vals).all()
                            else (float("nan"),) * 3)
         table[key] = row
     return table
@@ -507,7 +512,7 @@ def paired_difference(records: Sequence[dict], setting: str, method: str, metric
                       base: str = "TI") -> tuple[np.ndarray, list, list]:
     """Per-image ``metric`` of ``method`` minus that of ``base`` on the same prompt, inversion seed and
     seed, with each difference's cluster (concept or pair) and subcluster (inversion seed) for
-    :func:`compinv_utils.metrics.cluster_t_interval`."""
+    :func:`compinv_utils.statistics.cluster_t_interval`."""
     def values(m):
         out = {}
         for r in records:
@@ -525,8 +530,8 @@ def paired_difference(records: Sequence[dict], setting: str, method: str, metric
 def difference_ci(records: Sequence[dict], setting: str, method: str, metric: str,
                   base: str = "TI") -> tuple[float, float, float]:
     """Mean paired difference ``method − base`` and its 95 % t-interval over concepts
-    (:func:`compinv_utils.metrics.cluster_t_interval`)."""
-    return M.cluster_t_interval(*paired_difference(records, setting, method, metric, base))
+    (:func:`compinv_utils.statistics.cluster_t_interval`)."""
+    return cluster_t_interval(*paired_difference(records, setting, method, metric, base))
 
 
 def sweep_point(world, concept, path: str | Path, partners: Sequence[str], samples: int = 4, seed: int = 0) -> dict:
@@ -540,21 +545,21 @@ def sweep_point(world, concept, path: str | Path, partners: Sequence[str], sampl
     load_embedding(pipe, path)
     try:
         e = input_embeddings(pipe, [concept.token])
-        vocab = input_embeddings(pipe, world.concepts)
+        vocab = input_embeddings(pipe, world.nouns)
         alone = world.generate([f"a photo of a {concept.token} {concept.superclass}"] * samples, seed=seed)
         dets = world.detect(alone)
-        prompts = [f"a {concept.token} {concept.superclass} and {M.article(x)}" for x in partners]
+        prompts = [f"a {concept.token} {concept.superclass} and {article(x)}" for x in partners]
         comp = world.generate(prompts, seed=seed)
         cdets = world.detect(comp)
         objects = [[concept.superclass, x] for x in partners]
-        text = M.text_alignment(world, comp, [M.pair_prompt(*o) for o in objects])
+        text = text_alignment(world, comp, [pair_prompt(*o) for o in objects])
     finally:
         unload(pipe, concept.token)
-    obj = M.object_alignment(world, alone, dets, concept.superclass, world.photo_crops(concept))
+    obj = object_alignment(world, alone, dets, concept.superclass, world.photo_crops(concept))
     return {"knn": float(knn_distance(e, vocab)[0]), "norm": float(e.norm()),
-            "image_alignment": float(M.image_alignment(world, alone, concept.photos).mean()),
+            "image_alignment": float(image_alignment(world, alone, concept.photos).mean()),
             "object_alignment": float(np.nanmean(obj)) if not np.isnan(obj).all() else None,
-            "coi": float(np.mean([M.coi_found(d, o) for d, o in zip(cdets, objects)])),
-            "all_found": float(np.mean([M.all_found(d, o) for d, o in zip(cdets, objects)])),
-            "class_found": float(np.mean([M.found(d, concept.superclass) for d in cdets])),
+            "coi": float(np.mean([coi_found(d, o) for d, o in zip(cdets, objects)])),
+            "all_found": float(np.mean([all_found(d, o) for d, o in zip(cdets, objects)])),
+            "class_found": float(np.mean([found(d, concept.superclass) for d in cdets])),
             "text_alignment": float(np.mean(text))}

@@ -42,9 +42,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .attention import AttentionStore, attention_store, token_indices
+from .attention import AttentionStore, attention_store
 from .layout import box_to_mask, check_box
+from .maths import ratio
 from .progress import bar
+from .tokens import word_positions
 
 
 @dataclass(frozen=True)
@@ -190,36 +192,9 @@ def localisation_loss(maps: torch.Tensor, positions: Sequence[Sequence[int]], ma
     terms = []
     for pos, m in zip(positions, masks.to(maps)):
         a = maps[:, list(pos)]  # (B, k, h, w)
-        inside = (a * m).sum((-1, -2)) / a.sum((-1, -2)).clamp(min=1e-12)
+        inside = ratio((a * m).sum((-1, -2)), a.sum((-1, -2)))
         terms.append(((1 - inside) ** 2 if official else 1 - inside).mean(1))
     return torch.stack(terms, 1).mean(1)
-
-
-def word_positions(tokenizer, prompt: str, words: Sequence[str]) -> list[list[int]]:
-    """Token positions of each word in the prompt (clear error when a word is absent). A word named twice ("a cat
-    and a cat" with words ``["cat", "cat"]``) takes its occurrences in order: the second ``"cat"`` is the second
-    cat of the prompt."""
-    out = []
-    for k, w in enumerate(words):
-        first = token_indices(tokenizer, prompt, w)
-        before = list(words[:k]).count(w)
-        if before == 0:
-            out.append(first)
-            continue
-        vocab = tokenizer.get_vocab()
-        extra = [f"{w}_{i}" for i in range(1, 64) if f"{w}_{i}" in vocab]  # as token_indices expands it
-        ids = tokenizer(prompt.replace(w, " ".join([w] + extra)) if extra else prompt).input_ids
-        target = ids[first[0]:first[-1] + 1]
-        starts = [s for s in range(len(ids) - len(target) + 1) if ids[s:s + len(target)] == target]
-        if len(starts) <= before:
-            raise ValueError(f"{w!r} is named {before + 1} times in words but occurs {len(starts)} time(s) in the "
-                             f"prompt {prompt!r}: name each object of the prompt once per occurrence")
-        start = starts[before]
-        if start + len(target) > tokenizer.model_max_length - 1:
-            raise ValueError(f"{w!r} (occurrence {before + 1}) is at token {start} of the prompt {prompt!r}, past the "
-                             f"{tokenizer.model_max_length - 1} tokens the text encoder reads; shorten the prompt")
-        out.append(list(range(start, start + len(target))))
-    return out
 
 
 def _layer_maps(store: AttentionStore, res: int, config: GuidanceConfig, keep_heads: bool = False) -> list[torch.Tensor]:
@@ -350,7 +325,70 @@ def guided_generate(world, prompts: Sequence[str], words, boxes, seeds: Sequence
     processors are restored afterwards, also after an exception. ``config`` may also be another
     :class:`Objective` (e.g. Attend-and-Excite), sampled on its own schedule.
     """
-    pipe = world.pipe
+    prompts, boxes, positions, seeds, steps, cfg_scale, objective = _check_inputs(
+        world, prompts, words, boxes, seeds, seed, config, batch_size, num_inference_steps, guidance_scale, height,
+        width, record)
+    pipe, device, n = world.pipe, world.device, len(prompts)
+    unet, sched, f = pipe.unet, pipe.scheduler, pipe.vae_scale_factor
+    h, w = (height or unet.config.sample_size * f) // f, (width or unet.config.sample_size * f) // f
+    dev = "cpu" if device.type == "mps" else device
+    images, all_losses, recordings = [], [], []
+    passes = {"cfg_forward": 0, "guided_forward": 0, "guided_backward": 0, "images": n}
+    store = AttentionStore(keep_grad=True, keep_similarity=False, average_heads=False)
+    with attention_store(unet, store):
+        for lo in bar(range(0, n, batch_size), desc="guided", progress=progress):
+            sl = slice(lo, min(lo + batch_size, n))
+            B = sl.stop - sl.start
+            # the prompts' embeddings and each image's initial noise, drawn as World.generate draws it
+            cond, uncond = pipe.encode_prompt(prompts[sl], device, 1, True)
+            latents = torch.cat([torch.randn((1, unet.config.in_channels, h, w), device=device, dtype=cond.dtype,
+                                             generator=torch.Generator(dev).manual_seed(s)) for s in seeds[sl]])
+            sched.set_timesteps(steps, device=device)
+            latents = latents * sched.init_noise_sigma
+            alphas = sched.alphas_cumprod.to(device)
+            losses, n_guided = [], objective.guided_steps(sched.timesteps)
+            recording = _Recording(objective, positions[sl], boxes[sl], (h, w), device) if record else None
+            for i, t in enumerate(sched.timesteps):
+                # a guided step: update the latents down the objective's gradient until every sample stops
+                if i < n_guided:
+                    size = objective.step_size(i, sched.timesteps, alphas)
+                    active = torch.ones(B, dtype=torch.bool, device=device)
+                    for _ in range(objective.max_updates(i, len(sched.timesteps))):
+                        latents, loss = _guided_update(unet, store, latents, t, cond, positions[sl], boxes[sl],
+                                                       objective, sched, size, active)
+                        passes["guided_forward"] += 1
+                        passes["guided_backward"] += 1
+                        losses.append(torch.where(active, loss, torch.nan).cpu().numpy())
+                        _check_update(latents, sched, i, t, loss, size, config)
+                        active &= objective.keep_going(i, len(sched.timesteps), loss)
+                        if not active.any():
+                            break
+                # denoise with classifier-free guidance (recording where the words attend)
+                store.enabled = record
+                with torch.no_grad():
+                    x = sched.scale_model_input(torch.cat([latents] * 2), t)
+                    eps = unet(x, t, torch.cat([uncond, cond])).sample
+                    passes["cfg_forward"] += 1
+                    if record:
+                        recording.add(store)
+                    store.enabled = False
+                    e_u, e_c = eps.chunk(2)
+                    latents = sched.step(e_u + cfg_scale * (e_c - e_u), t, latents).prev_sample
+            _check_final(latents, cfg_scale, config)
+            images += _decode(pipe, latents)
+            all_losses.append(np.array(losses).reshape(len(losses), B))
+            recordings.append(recording)
+    out = GuidedOutput(images, np.concatenate(all_losses, 1), passes=passes)
+    return _Recording.join(out, recordings) if record else out
+
+
+def _check_inputs(world, prompts: str | Sequence[str], words, boxes, seeds: Sequence[int] | None, seed: int,
+                  config: GuidanceConfig | Objective, batch_size: int, steps: int | None, cfg_scale: float | None,
+                  height: int | None, width: int | None,
+                  record: bool) -> tuple[list[str], list, list, list[int], int, float, Objective]:
+    """:func:`guided_generate`'s inputs checked (a clear error for each mistake) and normalised: the prompts,
+    each prompt's checked boxes and its words' token positions, the seeds, the step count, the guidance scale
+    (None: the world's) and ``config`` as an :class:`Objective`."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     n = len(prompts)
     if n == 0:
@@ -365,12 +403,13 @@ def guided_generate(world, prompts: Sequence[str], words, boxes, seeds: Sequence
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     words, boxes = _per_prompt(words, boxes, n)
     if len(words) != n or len(boxes) != n:
-        raise ValueError(f"{n} prompts but {len(words)} word lists and {len(boxes)} box lists: give one per prompt (or one shared)")
+        raise ValueError(f"{n} prompts but {len(words)} word lists and {len(boxes)} box lists: give one per prompt "
+                         "(or one shared)")
     seeds = list(range(seed, seed + n)) if seeds is None else list(seeds)
     if len(seeds) != n:
         raise ValueError(f"{len(seeds)} seeds for {n} prompts")
-    steps = world.num_inference_steps if num_inference_steps is None else num_inference_steps
-    cfg_scale = world.guidance_scale if guidance_scale is None else guidance_scale
+    steps = world.num_inference_steps if steps is None else steps
+    cfg_scale = world.guidance_scale if cfg_scale is None else cfg_scale
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1 (an integer), got {steps!r} (None: the world's "
                          f"{world.num_inference_steps})")
@@ -379,7 +418,7 @@ def guided_generate(world, prompts: Sequence[str], words, boxes, seeds: Sequence
     if not (cfg_scale >= 1 and math.isfinite(cfg_scale)):
         raise ValueError(f"guidance_scale must be >= 1 and finite (1 turns classifier-free guidance off), "
                          f"got {cfg_scale}")
-    f = pipe.vae_scale_factor
+    f = world.pipe.vae_scale_factor
     for name, v in (("height", height), ("width", width)):
         if v is not None and (v < f or v % f):
             raise ValueError(f"{name} must be a positive multiple of {f} (the VAE's downsampling), got {v}")
@@ -387,95 +426,81 @@ def guided_generate(world, prompts: Sequence[str], words, boxes, seeds: Sequence
         if len(ws) != len(bs):
             raise ValueError(f"{len(bs)} boxes for {len(ws)} words in {p!r}: give one box per word")
     boxes = [[check_box(b, f"box of {w!r}") for w, b in zip(ws, bs)] for ws, bs in zip(words, boxes)]
-    positions = [word_positions(pipe.tokenizer, p, ws) for p, ws in zip(prompts, words)]
+    positions = [word_positions(world.pipe.tokenizer, p, ws) for p, ws in zip(prompts, words)]
     if record and len({len(ws) for ws in words}) > 1:
         raise ValueError("record=True needs the same number of words in every prompt")
+    return prompts, boxes, positions, seeds, steps, cfg_scale, objective
 
-    device, unet, sched = world.device, pipe.unet, pipe.scheduler
-    f = pipe.vae_scale_factor
-    h, w = (height or unet.config.sample_size * f) // f, (width or unet.config.sample_size * f) // f
-    dev = "cpu" if device.type == "mps" else device
-    images, all_losses, all_maps, all_inside, all_scores = [], [], [], [], []
-    passes = {"cfg_forward": 0, "guided_forward": 0, "guided_backward": 0, "images": n}
-    store = AttentionStore(keep_grad=True, keep_similarity=False, average_heads=False)
-    with attention_store(unet, store):
-        for lo in bar(range(0, n, batch_size), desc="guided", progress=progress):
-            sl = slice(lo, min(lo + batch_size, n))
-            B = sl.stop - sl.start
-            cond, uncond = pipe.encode_prompt(prompts[sl], device, 1, True)
-            latents = torch.cat([torch.randn((1, unet.config.in_channels, h, w), device=device, dtype=cond.dtype,
-                                             generator=torch.Generator(dev).manual_seed(s)) for s in seeds[sl]])
-            sched.set_timesteps(steps, device=device)
-            latents = latents * sched.init_noise_sigma
-            alphas = sched.alphas_cumprod.to(device)
-            losses, maps_acc, inside, masks, scores = [], None, [], None, []
-            n_guided = objective.guided_steps(sched.timesteps)
-            for i, t in enumerate(sched.timesteps):
-                if i < n_guided:
-                    size = objective.step_size(i, sched.timesteps, alphas)
-                    active = torch.ones(B, dtype=torch.bool, device=device)
-                    for _ in range(objective.max_updates(i, len(sched.timesteps))):
-                        z = latents.detach().requires_grad_(True)
-                        loss, grad = loss_and_grad(unet, store, z, t, cond, positions[sl], boxes[sl], objective, sched)
-                        passes["guided_forward"] += 1
-                        passes["guided_backward"] += 1
-                        losses.append(torch.where(active, loss, torch.nan).cpu().numpy())
-                        step = (size * grad) * active.view(-1, 1, 1, 1).to(grad.dtype)
-                        latents = (z - step).detach()
-                        top = float(latents.detach().abs().max())
-                        if not math.isfinite(top) or top > 1e3 * float(sched.init_noise_sigma):
-                            hint = (f"lower GuidanceConfig.step_size (now {config.step_size:g}; the default is 30)"
-                                    if isinstance(config, GuidanceConfig) else
-                                    f"lower the {type(config).__name__}'s step size (the factor on the gradient "
-                                    f"is now {size:g})")
-                            raise FloatingPointError(  # latents start near N(0, σ²): these would decode to black
-                                f"guidance diverged at step {i} (t = {int(t)}): the latents reach {top:.3g} "
-                                f"({'localisation ' if isinstance(config, GuidanceConfig) else ''}loss "
-                                f"{loss.float().cpu().tolist()}), which would decode to a black image; {hint}")
-                        active &= objective.keep_going(i, len(sched.timesteps), loss)
-                        if not active.any():
-                            break
-                store.enabled = record
-                with torch.no_grad():
-                    x = sched.scale_model_input(torch.cat([latents] * 2), t)
-                    eps = unet(x, t, torch.cat([uncond, cond])).sample
-                    passes["cfg_forward"] += 1
-                    if record:
-                        view = objective.record_maps
-                        r = view.resolution or store.default_resolution()
-                        full = torch.stack(_layer_maps(store, r, view)).mean(0)[B:]  # conditional half
-                        m = torch.stack([torch.stack([full[b, pos].mean(0) for pos in positions[sl][b]])
-                                         for b in range(B)])  # (B, words, h, w)
-                        score = objective.score(full, positions[sl])
-                        if score is not None:
-                            scores.append(score.float().cpu().numpy())
-                        if masks is None:  # the boxes do not change over the steps
-                            masks = torch.stack([_masks(bx, r, (h, w), device) for bx in boxes[sl]])
-                        inside.append(((m * masks).sum((-1, -2)) / m.sum((-1, -2)).clamp(min=1e-12)).cpu().numpy())
-                        maps_acc = m if maps_acc is None else maps_acc + m
-                        store.maps.clear()
-                    store.enabled = False
-                    e_u, e_c = eps.chunk(2)
-                    latents = sched.step(e_u + cfg_scale * (e_c - e_u), t, latents).prev_sample
-            if not bool(torch.isfinite(latents).all()):
-                raise FloatingPointError("sampling diverged: the final latents hold NaN or infinite values, which would "
-                                         "decode to a black image (in float16, try float32; lower the guidance scale "
-                                         f"{cfg_scale:g} or " + (f"GuidanceConfig.step_size {config.step_size:g})"
-                                                                  if isinstance(config, GuidanceConfig) else
-                                                                  f"the {type(config).__name__}'s step size)"))
-            images += _decode(pipe, latents)
-            all_losses.append(np.array(losses).reshape(len(losses), B))
-            if record:
-                all_maps.append((maps_acc / len(sched.timesteps)).float().cpu())
-                all_inside.append(np.stack(inside))
-                if scores:
-                    all_scores.append(np.stack(scores))
-    out = GuidedOutput(images, np.concatenate(all_losses, 1), passes=passes)
-    if record:
-        out.maps, out.inside = torch.cat(all_maps), np.concatenate(all_inside, 1)
-        if all_scores:
-            out.scores = np.concatenate(all_scores, 1)
-    return out
+
+def _guided_update(unet, store: AttentionStore, latents: torch.Tensor, t, cond: torch.Tensor, positions, boxes,
+                   objective: Objective, sched, size: float,
+                   active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One latent update of the samples still ``active``: ``z ← z − size · ∇_z Σ_b loss_b`` with the objective's
+    loss (Eq. 8's ``L_loc`` for a :class:`GuidanceConfig`). Returns the new latents and the loss before it."""
+    z = latents.detach().requires_grad_(True)
+    loss, grad = loss_and_grad(unet, store, z, t, cond, positions, boxes, objective, sched)
+    step = (size * grad) * active.view(-1, 1, 1, 1).to(grad.dtype)
+    return (z - step).detach(), loss
+
+
+def _check_update(latents: torch.Tensor, sched, i: int, t, loss: torch.Tensor, size: float, config) -> None:
+    """Refuse latents that a guided update at step ``i`` blew up (they would decode to black)."""
+    top = float(latents.detach().abs().max())
+    if not math.isfinite(top) or top > 1e3 * float(sched.init_noise_sigma):
+        hint = (f"lower GuidanceConfig.step_size (now {config.step_size:g}; the default is 30)"
+                if isinstance(config, GuidanceConfig) else
+                f"lower the {type(config).__name__}'s step size (the factor on the gradient is now {size:g})")
+        raise FloatingPointError(  # latents start near N(0, σ²): these would decode to black
+            f"guidance diverged at step {i} (t = {int(t)}): the latents reach {top:.3g} "
+            f"({'localisation ' if isinstance(config, GuidanceConfig) else ''}loss "
+            f"{loss.float().cpu().tolist()}), which would decode to a black image; {hint}")
+
+
+def _check_final(latents: torch.Tensor, cfg_scale: float, config) -> None:
+    """Refuse final latents with NaN or infinite values."""
+    if not bool(torch.isfinite(latents).all()):
+        raise FloatingPointError("sampling diverged: the final latents hold NaN or infinite values, which would "
+                                 "decode to a black image (in float16, try float32; lower the guidance scale "
+                                 f"{cfg_scale:g} or " + (f"GuidanceConfig.step_size {config.step_size:g})"
+                                                          if isinstance(config, GuidanceConfig) else
+                                                          f"the {type(config).__name__}'s step size)"))
+
+
+class _Recording:
+    """What ``record=True`` keeps of one batch at every denoising step, from the conditional half of the
+    classifier-free-guidance call (the objective's ``record_maps``): each word's map, summed; the share of it
+    inside the word's box; and what the objective raises (:meth:`Objective.score`)."""
+
+    def __init__(self, objective: Objective, positions, boxes, latent_hw: tuple[int, int], device):
+        self.objective, self.positions, self.boxes = objective, positions, boxes
+        self.latent_hw, self.device = latent_hw, device
+        self.maps, self.masks, self.inside, self.scores = None, None, [], []
+
+    def add(self, store: AttentionStore) -> None:
+        """Read one step's maps from ``store`` (then cleared)."""
+        view, B = self.objective.record_maps, len(self.positions)
+        r = view.resolution or store.default_resolution()
+        full = torch.stack(_layer_maps(store, r, view)).mean(0)[B:]  # conditional half
+        m = torch.stack([torch.stack([full[b, pos].mean(0) for pos in self.positions[b]])
+                         for b in range(B)])  # (B, words, h, w)
+        score = self.objective.score(full, self.positions)
+        if score is not None:
+            self.scores.append(score.float().cpu().numpy())
+        if self.masks is None:  # the boxes do not change over the steps
+            self.masks = torch.stack([_masks(bx, r, self.latent_hw, self.device) for bx in self.boxes])
+        self.inside.append(ratio((m * self.masks).sum((-1, -2)), m.sum((-1, -2))).cpu().numpy())
+        self.maps = m if self.maps is None else self.maps + m
+        store.maps.clear()
+
+    @staticmethod
+    def join(out: GuidedOutput, recordings: list[_Recording]) -> GuidedOutput:
+        """``out`` with the batches' recordings: maps averaged over the steps, shares and scores per step."""
+        out.maps = torch.cat([(r.maps / len(r.inside)).float().cpu() for r in recordings])
+        out.inside = np.concatenate([np.stack(r.inside) for r in recordings], 1)
+        scores = [np.stack(r.scores) for r in recordings if r.scores]
+        if scores:
+            out.scores = np.concatenate(scores, 1)
+        return out
 
 
 def guided_sample(world, prompt: str, words: Sequence[str], boxes: Sequence[Sequence[float]], seed: int = 0,

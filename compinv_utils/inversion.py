@@ -24,7 +24,7 @@ import numbers
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .progress import bar as progress_bar
+from .tokens import padded_ids, placeholder_tokens
 
 TEMPLATES = (
     "a photo of a {}",
@@ -110,11 +111,6 @@ def bind_loss_fn(loss_fn, params: dict) -> Callable[[torch.Tensor, torch.Tensor,
     if not wants:
         return loss_fn
     return lambda rec, rows, step: loss_fn(rec, rows, step, params=params)
-
-
-def placeholder_tokens(token: str, num_vectors: int) -> list[str]:
-    """``<t>``, ``<t>_1``, … — the names diffusers' loader gives the vectors of a multi-vector embedding."""
-    return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
 
 
 def single_token_id(tokenizer, word: str) -> int:
@@ -476,13 +472,13 @@ def invert_with(pipe, photos: Sequence[Image.Image], token: str, superclass: str
     else:
         raise ValueError(f"placeholder token {token!r} is already in the vocabulary; call unload(pipe, {token!r}) "
                          "or choose another name")
-    handle = None
+    handle, alphas = None, pipe.scheduler.alphas_cumprod  # add_noise moves the scheduler's ᾱ to the latents' device
     try:
         emb = pipe.text_encoder.get_input_embeddings()  # resize_token_embeddings made a new one
         rows = torch.nn.Parameter(emb.weight[ids].detach().float().clone())
         handle = emb.register_forward_hook(_InjectRows(ids, rows))
-        result = _train(pipe, pixels, mask_t, token, tokens, superclass, config, loss_fn, rows, ckpt, made_from,
-                        resume, progress, extras)
+        run = _Run(pixels, mask_t, token, tokens, superclass, config, loss_fn, progress, ckpt, made_from, resume)
+        result = _train(pipe, rows, run, extras)
         _check_norm(pipe, ids, rows, config.lr)
         with torch.no_grad():
             emb.weight[ids] = rows.detach().to(emb.weight.dtype)
@@ -495,148 +491,265 @@ def invert_with(pipe, photos: Sequence[Image.Image], token: str, superclass: str
             unload(pipe, token)
         raise
     finally:
+        pipe.scheduler.alphas_cumprod = alphas
         if handle is not None:
             handle.remove()
     return result
 
 
-def _train(pipe, pixels, mask_t, token, tokens, superclass, config, loss_fn, rows, ckpt, made_from, resume,
-           progress, extras: TrainExtras | None = None) -> InversionResult:
-    """The optimisation loop of :func:`invert` (the hook that injects ``rows`` is in place). ``extras``: model
-    weights trained alongside and a prior-preservation batch (:class:`TrainExtras`); None is textual inversion."""
-    from .files import torch_save
+@dataclass(frozen=True)
+class _Run:
+    """What :func:`_train` learns from, fixed for the run: the photos ``(N, 3, H, W)`` and their latent-size masks
+    ``(N, 1, h, w)`` (or None), the token and its vectors' tokens, the loss hook, and the checkpoint file with the
+    record of what it is made from and the checkpoint to resume from (None: start afresh)."""
 
-    device = pipe.unet.device
-    te, unet, vae = pipe.text_encoder, pipe.unet, pipe.vae
+    pixels: torch.Tensor
+    masks: torch.Tensor | None
+    token: str
+    tokens: list[str]
+    superclass: str
+    config: InversionConfig
+    loss_fn: LossFn | None
+    progress: bool
+    checkpoint: Path | None
+    made_from: dict
+    resume: dict | None
+
+    @property
+    def word(self) -> str:
+        """The pseudo-word the templates are filled with: its vectors' tokens (and the superclass)."""
+        return " ".join(self.tokens) + (f" {self.superclass}" if self.config.with_superclass else "")
+
+
+def _train(pipe, rows: torch.nn.Parameter, run: _Run, extras: TrainExtras | None = None) -> InversionResult:
+    """The optimisation loop of :func:`invert` (the hook that injects ``rows`` is in place), step by step as in
+    diffusers' textual-inversion example. ``extras``: model weights trained alongside and a prior-preservation
+    batch (:class:`TrainExtras`); None is textual inversion."""
+    config, device = run.config, pipe.unet.device
+    te, unet, vae, sched = pipe.text_encoder, pipe.unet, pipe.vae, pipe.scheduler
     for m in (te, unet, vae):
         m.requires_grad_(False)
-    if extras is None:
-        opt = torch.optim.AdamW([rows], lr=config.lr, weight_decay=config.weight_decay)
-        weights: list = []
-    else:
-        weights = list(extras.params.values())
-        for w in weights:
-            w.requires_grad_(True)
-        groups = [{"params": [rows], "lr": config.lr, "weight_decay": config.weight_decay}]
-        if weights:
-            groups.append({"params": weights, "lr": extras.lr, "weight_decay": extras.weight_decay})
-        opt = torch.optim.AdamW(groups)
-    params = {"token": rows, **(extras.params if extras is not None else {})}
-    hook = None if loss_fn is None else bind_loss_fn(loss_fn, params)
-    prior = extras if extras is not None and extras.prior_pixels is not None else None
-
-    with torch.no_grad():
-        dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
-        lat_mean, lat_std = dist.mean.float(), dist.std.float()
-        lat_mean_f = vae.encode(pixels.flip(-1).to(device, vae.dtype)).latent_dist.mean.float()
-    sf = vae.config.scaling_factor
-    sched = pipe.scheduler
-    alphas = sched.alphas_cumprod.to(device)
-    n_train = sched.config.num_train_timesteps
-    word = " ".join(tokens) + (f" {superclass}" if config.with_superclass else "")
-    _check_templates(pipe.tokenizer, config.templates, word, tokens)
-    if prior is not None:
-        with torch.no_grad():
-            pdist = vae.encode(prior.prior_pixels.to(device, vae.dtype)).latent_dist
-            p_mean, p_std = pdist.mean.float(), pdist.std.float()
-            p_mean_f = vae.encode(prior.prior_pixels.flip(-1).to(device, vae.dtype)).latent_dist.mean.float()
-        p_ids = pipe.tokenizer([prior.prior_prompt] * prior.prior_batch_size, padding="max_length",
-                               max_length=pipe.tokenizer.model_max_length, truncation=True,
-                               return_tensors="pt").input_ids.to(device)
-
+    opt, weights = _optimizer(rows, config, extras)
+    trained = {"token": rows, **(extras.params if extras is not None else {})}
+    hook = None if run.loss_fn is None else bind_loss_fn(run.loss_fn, trained)
+    _check_templates(pipe.tokenizer, config.templates, run.word, run.tokens)
+    photos = _EncodedPhotos(vae, run.pixels, device)
+    with_prior = extras is not None and extras.prior_pixels is not None
+    prior = _PriorBatch(pipe, extras, config.flip_p, device) if with_prior else None
     rng = np.random.default_rng(config.seed)
     gen = torch.Generator(device).manual_seed(config.seed)
-    losses: list[float] = []
-    log: list[dict] = []
-    start = 0
-    if resume is not None:
-        with torch.no_grad():
-            rows.copy_(resume["embeddings"].to(rows))
-        opt.load_state_dict(resume["optimizer"])
-        rng.bit_generator.state = json.loads(resume["rng"])
-        gen.set_state(resume["gen"])
-        losses, log, start = list(resume["losses"]), json.loads(resume["log"]), int(resume["step"])
-        if resume.get("loss_state") is not None and hasattr(loss_fn, "load_state_dict"):
-            loss_fn.load_state_dict(resume["loss_state"])
+    losses, log, start = _resume(run, rows, opt, rng, gen)
 
-    bar = progress_bar(range(start, config.steps), desc=f"invert {token}", progress=progress, initial=start, total=config.steps)
+    bar = progress_bar(range(start, config.steps), desc=f"invert {run.token}", progress=run.progress, initial=start,
+                       total=config.steps)
     for step in bar:
-        idx = rng.integers(0, len(pixels), config.batch_size)
+        # sample photos (each mirrored with probability flip_p) and a prompt for each
+        idx = rng.integers(0, len(photos), config.batch_size)
         flip = rng.random(config.batch_size) < config.flip_p
-        prompts = [config.templates[k].format(word) for k in rng.integers(0, len(config.templates), config.batch_size)]
-        ids_t = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                               truncation=True, return_tensors="pt").input_ids.to(device)
-        idx_t = torch.from_numpy(idx).to(device)
-        flip_t = torch.from_numpy(flip).to(device)[:, None, None, None]
-        mean = torch.where(flip_t, lat_mean_f[idx_t], lat_mean[idx_t])
-        std = torch.where(flip_t, lat_std[idx_t].flip(-1), lat_std[idx_t])
-        z0 = (mean + std * torch.randn(mean.shape, generator=gen, device=device)) * sf
-        noise = torch.randn(z0.shape, generator=gen, device=device)
-        t = torch.randint(0, n_train, (len(z0),), generator=gen, device=device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        templates = rng.integers(0, len(config.templates), config.batch_size)
+        prompts = [config.templates[k].format(run.word) for k in templates]
+        # tokenize the prompts
+        ids = padded_ids(pipe.tokenizer, prompts, device)
+        # sample the photos' latents
+        z0 = photos.sample(idx, flip, gen)
+        # add noise at random timesteps with the scheduler (the forward diffusion)
+        noised = _add_noise(sched, z0, gen)
+        # encode the prompts and predict the noise; prior preservation's class batch joins both calls
+        prior_loss = None
         if prior is None:
-            cond = te(ids_t)[0]
-            pred = unet(zt.to(unet.dtype), t, cond.to(unet.dtype)).sample.float()
-        else:  # the class images join the same UNet call, as in diffusers' DreamBooth example
-            pb = prior.prior_batch_size
-            pidx = torch.from_numpy(rng.integers(0, len(p_mean), pb)).to(device)
-            pflip = torch.from_numpy(rng.random(pb) < config.flip_p).to(device)[:, None, None, None]
-            pm = torch.where(pflip, p_mean_f[pidx], p_mean[pidx])
-            ps = torch.where(pflip, p_std[pidx].flip(-1), p_std[pidx])
-            pz0 = (pm + ps * torch.randn(pm.shape, generator=gen, device=device)) * sf
-            pnoise = torch.randn(pz0.shape, generator=gen, device=device)
-            pt = torch.randint(0, n_train, (pb,), generator=gen, device=device)
-            pa = alphas[pt].view(-1, 1, 1, 1)
-            pzt = pa.sqrt() * pz0 + (1 - pa).sqrt() * pnoise
-            cond = te(torch.cat([ids_t, p_ids]))[0]
-            both = unet(torch.cat([zt, pzt]).to(unet.dtype), torch.cat([t, pt]), cond.to(unet.dtype)).sample.float()
-            pred, ppred = both[:len(zt)], both[len(zt):]
-            ptarget = pnoise if sched.config.prediction_type == "epsilon" else sched.get_velocity(pz0, pnoise, pt)
-            prior_loss = F.mse_loss(ppred, ptarget)
-        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
-        err = (pred - target) ** 2
-        if mask_t is not None:
-            m = mask_t[idx].to(device)
-            m = torch.where(flip_t, m.flip(-1), m)
-            rec = (err * m).sum() / (m.sum() * err.shape[1]).clamp(min=1e-6)
+            pred = _predict(te, unet, ids, noised.zt, noised.t)
         else:
-            rec = err.mean()
+            pred, prior_loss = prior.predict(te, unet, ids, noised, rng, gen)
+        # the loss: the denoising error (in the masks), through loss_fn, plus prior_weight · L_prior
+        rec = _reconstruction(pred, _target(sched, noised), run.masks, idx, flip)
         loss = rec if hook is None else hook(rec, rows, step)
         if prior is not None:
-            loss = loss + prior.prior_weight * prior_loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the inversion loss became {loss.item()} at step {step}; lower the learning rate "
-                                     f"(now {config.lr})" + (f"; the last good embedding is in {ckpt}" if ckpt else ""))
+            loss = loss + prior.weight * prior_loss
+        # step: a finite loss and gradients, the norm clipped where the method asks, then AdamW
+        _check_loss(loss, step, run)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if rows.grad is not None and not torch.isfinite(rows.grad).all():
-            raise FloatingPointError(f"the gradient of the embedding overflowed at step {step} (the model runs in "
-                                     f"{te.dtype}); lower the learning rate or invert in float32")
-        if weights:
-            if not all(bool(torch.isfinite(w.grad).all()) for w in weights if w.grad is not None):
-                raise FloatingPointError(f"the gradient of the trained model weights overflowed at step {step}; "
-                                         "lower the learning rate or train in float32")
-            if extras.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_([rows, *weights], extras.max_grad_norm)
+        _check_gradients(rows, weights, step, te.dtype)
+        if weights and extras.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([rows, *weights], extras.max_grad_norm)
         opt.step()
+        # log
         losses.append(float(loss.item()))
-        if extras is not None:
-            entry = {"step": step, "rec": float(rec.item())}
-            if prior is not None:
-                entry["prior"] = float(prior_loss.item())
-            log.append(entry | dict(getattr(loss_fn, "last_log", None) or {}))
-        elif loss_fn is not None and hasattr(loss_fn, "last_log"):
-            log.append(dict(step=step, **loss_fn.last_log))
+        entry = _log_entry(step, rec, prior_loss, run.loss_fn, extras)
+        if entry is not None:
+            log.append(entry)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-        if ckpt and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
-            torch_save(dict(made_from=json.dumps(made_from), embeddings=rows.detach().cpu().clone(),
-                            optimizer=opt.state_dict(), step=step + 1, rng=json.dumps(rng.bit_generator.state),
-                            gen=gen.get_state(), losses=list(losses), log=json.dumps(log, default=_plain),
-                            loss_state=loss_fn.state_dict() if hasattr(loss_fn, "state_dict") else None), ckpt)
+        # checkpoint
+        if run.checkpoint and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
+            _save_checkpoint(run, step + 1, rows, opt, rng, gen, losses, log)
     te.eval()
-    return InversionResult(token, tokens, superclass, rows.detach().float().cpu().clone(), losses, asdict(config), log)
+    return InversionResult(run.token, run.tokens, run.superclass, rows.detach().float().cpu().clone(), losses,
+                           asdict(config), log)
+
+
+class _EncodedPhotos:
+    """Photos ``(N, 3, H, W)`` as the VAE's latent distributions (mean, std, and the mean of the mirrored photo),
+    from which each step draws its latents as diffusers' examples do (``latent_dist.sample() * scaling_factor``)."""
+
+    def __init__(self, vae, pixels: torch.Tensor, device):
+        with torch.no_grad():
+            dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
+            self.mean, self.std = dist.mean.float(), dist.std.float()
+            self.mean_flipped = vae.encode(pixels.flip(-1).to(device, vae.dtype)).latent_dist.mean.float()
+        self.scale, self.device = vae.config.scaling_factor, device
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def sample(self, idx: np.ndarray, flip: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+        """Scaled latents of photos ``idx``, mirrored where ``flip`` (one ``randn`` of ``gen``)."""
+        idx_t = torch.from_numpy(idx).to(self.device)
+        flip_t = torch.from_numpy(flip).to(self.device)[:, None, None, None]
+        mean = torch.where(flip_t, self.mean_flipped[idx_t], self.mean[idx_t])
+        std = torch.where(flip_t, self.std[idx_t].flip(-1), self.std[idx_t])
+        return (mean + std * torch.randn(mean.shape, generator=gen, device=self.device)) * self.scale
+
+
+class _Noised(NamedTuple):
+    """Latents ``z0`` noised to timesteps ``t``: ``zt = √ᾱ_t z0 + √(1 − ᾱ_t) noise``."""
+
+    z0: torch.Tensor
+    noise: torch.Tensor
+    t: torch.Tensor
+    zt: torch.Tensor
+
+
+def _add_noise(sched, z0: torch.Tensor, gen: torch.Generator) -> _Noised:
+    """``z0`` noised by the scheduler's ``add_noise`` at random timesteps (noise, then timesteps, from ``gen``)."""
+    noise = torch.randn(z0.shape, generator=gen, device=z0.device)
+    t = torch.randint(0, sched.config.num_train_timesteps, (len(z0),), generator=gen, device=z0.device)
+    return _Noised(z0, noise, t, sched.add_noise(z0, noise, t))
+
+
+def _target(sched, x: _Noised) -> torch.Tensor:
+    """What the UNet learns to predict for ``x``: the noise, or v for a v-prediction model."""
+    return x.noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(x.z0, x.noise, x.t)
+
+
+def _predict(te, unet, ids: torch.Tensor, zt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The UNet's prediction (float32) for ``zt`` at ``t``, conditioned on the prompts ``ids``."""
+    cond = te(ids)[0]
+    return unet(zt.to(unet.dtype), t, cond.to(unet.dtype)).sample.float()
+
+
+def _reconstruction(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor | None, idx: np.ndarray,
+                    flip: np.ndarray) -> torch.Tensor:
+    """The denoising MSE; with ``masks``, weighted by photo ``idx``'s mask (mirrored where ``flip``)."""
+    err = (pred - target) ** 2
+    if masks is None:
+        return err.mean()
+    m = masks[idx].to(err.device)
+    m = torch.where(torch.from_numpy(flip).to(err.device)[:, None, None, None], m.flip(-1), m)
+    return (err * m).sum() / (m.sum() * err.shape[1]).clamp(min=1e-6)
+
+
+class _PriorBatch:
+    """Prior preservation, as in diffusers' DreamBooth example: each step ``prior_batch_size`` class images,
+    captioned ``prior_prompt``, join the photos' text-encoder and UNet call; ``L_prior`` is their denoising MSE."""
+
+    def __init__(self, pipe, extras: TrainExtras, flip_p: float, device):
+        self.images = _EncodedPhotos(pipe.vae, extras.prior_pixels, device)
+        self.ids = padded_ids(pipe.tokenizer, [extras.prior_prompt] * extras.prior_batch_size, device)
+        self.size, self.weight, self.flip_p = extras.prior_batch_size, extras.prior_weight, flip_p
+        self.sched = pipe.scheduler
+
+    def draw(self, rng: np.random.Generator, gen: torch.Generator) -> _Noised:
+        """One step's class batch: images and flips from ``rng``, then latents, noise and timesteps from ``gen``."""
+        idx = rng.integers(0, len(self.images), self.size)
+        flip = rng.random(self.size) < self.flip_p
+        return _add_noise(self.sched, self.images.sample(idx, flip, gen), gen)
+
+    def loss(self, pred: torch.Tensor, x: _Noised) -> torch.Tensor:
+        """``L_prior``: the class batch's denoising MSE."""
+        return F.mse_loss(pred, _target(self.sched, x))
+
+    def predict(self, te, unet, ids: torch.Tensor, x: _Noised, rng: np.random.Generator,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The photos' prediction from one call joined with a fresh class batch, and that batch's ``L_prior``."""
+        c = self.draw(rng, gen)
+        both = _predict(te, unet, torch.cat([ids, self.ids]), torch.cat([x.zt, c.zt]), torch.cat([x.t, c.t]))
+        return both[:len(x.zt)], self.loss(both[len(x.zt):], c)
+
+
+def _optimizer(rows: torch.nn.Parameter, config: InversionConfig,
+               extras: TrainExtras | None) -> tuple[torch.optim.AdamW, list[torch.Tensor]]:
+    """AdamW on the rows and, in a group of their own, the method's model weights (made trainable here)."""
+    if extras is None:
+        return torch.optim.AdamW([rows], lr=config.lr, weight_decay=config.weight_decay), []
+    weights = list(extras.params.values())
+    for w in weights:
+        w.requires_grad_(True)
+    groups = [{"params": [rows], "lr": config.lr, "weight_decay": config.weight_decay}]
+    if weights:
+        groups.append({"params": weights, "lr": extras.lr, "weight_decay": extras.weight_decay})
+    return torch.optim.AdamW(groups), weights
+
+
+def _check_loss(loss: torch.Tensor, step: int, run: _Run) -> None:
+    """Refuse a NaN or infinite loss (a learning rate too high) before it reaches the weights."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"the inversion loss became {loss.item()} at step {step}; lower the learning rate "
+                                 f"(now {run.config.lr})" +
+                                 (f"; the last good embedding is in {run.checkpoint}" if run.checkpoint else ""))
+
+
+def _check_gradients(rows: torch.Tensor, weights: list[torch.Tensor], step: int, dtype: torch.dtype) -> None:
+    """Refuse overflowed gradients of the rows or of the trained model weights."""
+    if rows.grad is not None and not torch.isfinite(rows.grad).all():
+        raise FloatingPointError(f"the gradient of the embedding overflowed at step {step} (the model runs in "
+                                 f"{dtype}); lower the learning rate or invert in float32")
+    if not all(bool(torch.isfinite(w.grad).all()) for w in weights if w.grad is not None):
+        raise FloatingPointError(f"the gradient of the trained model weights overflowed at step {step}; "
+                                 "lower the learning rate or train in float32")
+
+
+def _log_entry(step: int, rec: torch.Tensor, prior_loss: torch.Tensor | None, loss_fn,
+               extras: TrainExtras | None) -> dict | None:
+    """What the log keeps of a step: with ``extras``, the reconstruction and prior losses and the loss hook's
+    ``last_log``; else the hook's ``last_log`` when it has one (None: nothing)."""
+    if extras is not None:
+        entry = {"step": step, "rec": float(rec.item())}
+        if prior_loss is not None:
+            entry["prior"] = float(prior_loss.item())
+        return entry | dict(getattr(loss_fn, "last_log", None) or {})
+    if loss_fn is not None and hasattr(loss_fn, "last_log"):
+        return dict(step=step, **loss_fn.last_log)
+    return None
+
+
+def _resume(run: _Run, rows: torch.nn.Parameter, opt, rng: np.random.Generator,
+            gen: torch.Generator) -> tuple[list[float], list[dict], int]:
+    """Restore the rows, optimizer, random generators and loss state of ``run.resume`` (if any); returns the losses
+    and log so far and the first step to run."""
+    blob = run.resume
+    if blob is None:
+        return [], [], 0
+    with torch.no_grad():
+        rows.copy_(blob["embeddings"].to(rows))
+    opt.load_state_dict(blob["optimizer"])
+    rng.bit_generator.state = json.loads(blob["rng"])
+    gen.set_state(blob["gen"])
+    if blob.get("loss_state") is not None and hasattr(run.loss_fn, "load_state_dict"):
+        run.loss_fn.load_state_dict(blob["loss_state"])
+    return list(blob["losses"]), json.loads(blob["log"]), int(blob["step"])
+
+
+def _save_checkpoint(run: _Run, done: int, rows: torch.Tensor, opt, rng: np.random.Generator,
+                     gen: torch.Generator, losses: list[float], log: list[dict]) -> None:
+    """Write what :func:`_resume` needs to go on after ``done`` steps."""
+    from .files import torch_save
+
+    loss_fn = run.loss_fn
+    torch_save(dict(made_from=json.dumps(run.made_from), embeddings=rows.detach().cpu().clone(),
+                    optimizer=opt.state_dict(), step=done, rng=json.dumps(rng.bit_generator.state),
+                    gen=gen.get_state(), losses=list(losses), log=json.dumps(log, default=_plain),
+                    loss_state=loss_fn.state_dict() if hasattr(loss_fn, "state_dict") else None), run.checkpoint)
 
 
 def _check_templates(tokenizer, templates, word: str, tokens: list[str]) -> None:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .maths import cosine
 from .progress import bar
 
 Box = tuple[float, float, float, float]
@@ -85,7 +86,7 @@ class Job:
         return f"{self.a}|{self.b}|{self.template}|{self.seed}"
 
     def prompt(self) -> str:
-        from .metrics import article
+        from .prompts import article
 
         return self.template.format(a=article(self.a), b=article(self.b))
 
@@ -507,7 +508,7 @@ def nearest_noun(pipe, word: str, nouns: Sequence[str]) -> str:
 
     e = input_embeddings(pipe, [word])[0]
     V = input_embeddings(pipe, list(nouns))
-    sims = (V @ e) / (V.norm(dim=-1) * e.norm()).clamp(min=1e-12)
+    sims = cosine(V, e)
     return list(nouns)[int(sims.argmax())]
 
 
@@ -525,7 +526,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args(argv)
     world = load_world(args.world)
-    records = generate_layout_dataset(world, layout_jobs(world.concepts, args.seeds), args.out, args.batch_size)
+    records = generate_layout_dataset(world, layout_jobs(world.nouns, args.seeds), args.out, args.batch_size)
     print(f"{len(records)} records in {args.out}")
 
 

@@ -22,14 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics as M
 from .anchors import AnchorLoss
 from .evaluation import Layouts, inversion_folder, load_layouts, missing_groups, table1
 from .files import write_text
 from .methods import get_method
 from .methods.base import INFO_FILE
+from .pairs import partner_nouns
+from .paths import shown_path
 from .progress import bar
-from .world import shown_path, weights_hash
+from .world import weights_hash
 
 VARIANTS = ("plain", "semantic")
 
@@ -135,9 +136,9 @@ def run_block(world, method, seeds=(0, 1), config=None, layouts: Layouts | None 
     else:
         stats = json.loads(stats_path.read_text())
     layouts = layouts if layouts is not None else load_layouts(world)
-    records = table1(world, lambda c: M.partners(world, c), {v: root / v for v in VARIANTS}, layouts,
+    records = table1(world, lambda c: partner_nouns(world, c), {v: root / v for v in VARIANTS}, layouts,
                      inv_seeds=tuple(seeds), seeds=gen_seeds, pair_seeds=pair_seeds, cache=cache,
-                     progress=progress, inversion_method=m.name)
+                     progress=progress, block=m.name)
     return stats, records
 
 

@@ -24,11 +24,11 @@ from typing import Sequence
 
 import numpy as np
 
-from . import metrics as M
 from .anchors import AnchorLoss, OfficialAnchorLoss, choose_lambda
 from .evaluation import inversion_file, sweep_point
 from .files import write_text
 from .inversion import InversionConfig, invert, unload
+from .pairs import partner_nouns
 from .progress import bar
 
 VARIANTS = ("plain", "semantic", "recode", "official")
@@ -61,7 +61,7 @@ def make_loss(world, concept, variant: str, lam: float, c: int | None = None):
         return None
     if variant == "official":
         return OfficialAnchorLoss(world.pipe, concept.token, concept.superclass, lam)
-    return AnchorLoss(world.pipe, world.concepts, lam, c, choice=variant)
+    return AnchorLoss(world.pipe, world.nouns, lam, c, choice=variant)
 
 
 def invert_cached(world, concept, variant: str = "semantic", lam: float = 0.0, seed: int = 0, c: int | None = None,
@@ -104,7 +104,7 @@ def lambda_sweep(world, lams: Sequence[float] = LAMBDAS, seeds: Sequence[int] | 
     todo = [(c, s, lam) for s in seeds for lam in lams for c in world.concepts_of_interest
             if f"{lam:g}" not in sweep["points"].get(c.name, {}).get(str(s), {})]
     for c, s, lam in bar(todo, desc="λ sweep", progress=progress):
-        point = sweep_point(world, c, invert_cached(world, c, variant, lam, s), M.partners(world, c))
+        point = sweep_point(world, c, invert_cached(world, c, variant, lam, s), partner_nouns(world, c))
         sweep["points"].setdefault(c.name, {}).setdefault(str(s), {})[f"{lam:g}"] = point
         write_text(path, json.dumps(sweep, indent=1))
     return sweep
@@ -112,7 +112,7 @@ def lambda_sweep(world, lams: Sequence[float] = LAMBDAS, seeds: Sequence[int] | 
 
 def sweep_values(sweep: dict, lam: float, key: str, seeds: Sequence[int] | None = None) -> tuple[np.ndarray, list, list]:
     """One measure at one λ: per (concept, seed) the value, its concept and its seed (for
-    :func:`~compinv_utils.metrics.cluster_t_interval`)."""
+    :func:`~compinv_utils.statistics.cluster_t_interval`)."""
     out = [(p[str(s)][f"{lam:g}"][key], name, s) for name, p in sweep["points"].items()
            for s in (sweep["seeds"] if seeds is None else seeds)]
     v, cl, sub = zip(*out)

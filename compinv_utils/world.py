@@ -7,12 +7,8 @@ Both return a :class:`World`; helpers take a world and never ask which one it is
 
 from __future__ import annotations
 
-import io
-import json
 import math
 import os
-import re
-from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -21,26 +17,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def data_root() -> Path:
-    """Where cached results and the toy world's weights live: ``$COMPINV_DATA`` when set (a regular, non-editable
-    install sets it to the clone's ``data/``), else the repository's ``data/``."""
-    return Path(os.environ.get("COMPINV_DATA") or REPO_ROOT / "data")
-
-
-def shown_path(path: str | Path) -> str:
-    """``path`` for printing and for files that are committed: relative to the repository (or to the folder that
-    holds ``data_root()``) when inside it, so outputs read the same in every clone; otherwise unchanged."""
-    path = Path(path)
-    for base in (REPO_ROOT, data_root().parent):
-        try:
-            return path.resolve().relative_to(base.resolve()).as_posix()
-        except ValueError:
-            continue
-    return str(path)
-
+from .concepts import ConceptOfInterest, concepts_from_folder
+from .detection import Detection, best_box, crop, detr_detector, toy_detector
+from .maths import unit
+from .paths import data_root
+from .runtime import check_device, load_part, pick_device, quiet_loading
+from .tokens import padded_ids
 
 TOY_DIR = Path(os.environ.get("COMPINV_TOY_DIR") or data_root() / "toy")
 
@@ -59,20 +41,6 @@ COCO_NOUNS = (
     "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
     "teddy bear", "hair drier", "toothbrush",
 )
-
-Detection = tuple[str, tuple[float, float, float, float], float]  # (label, (x0, y0, x1, y1) in [0, 1], score)
-
-
-@dataclass
-class ConceptOfInterest:
-    """A user's concept: its name, placeholder token, superclass word and photos."""
-
-    name: str
-    token: str  # the placeholder pseudo-word, e.g. "<mochi>"
-    superclass: str  # the word it is a kind of, e.g. "cat"
-    photos: list[Image.Image]
-    in_photos: tuple[str, ...] = ()  # other nouns the photos show (never used as partners)
-    photo_crops: list[Image.Image] | None = None  # the object cut out of each photo (None: detect it)
 
 
 @dataclass(frozen=True)
@@ -110,7 +78,7 @@ class World:
 
     name: str
     pipe: object  # diffusers.StableDiffusionPipeline
-    concepts: list[str]  # the noun vocabulary: the "core distribution" of composable words
+    nouns: list[str]  # the noun vocabulary: the "core distribution" of composable words
     concepts_of_interest: list[ConceptOfInterest]
     clip_model: object  # transformers.CLIPModel for the alignment metrics
     clip_tokenizer: object
@@ -146,9 +114,9 @@ class World:
 
     def check_nouns(self, nouns: Sequence[str]) -> list[str]:
         nouns = [nouns] if isinstance(nouns, str) else list(nouns)
-        unknown = [n for n in nouns if n not in self.concepts]
+        unknown = [n for n in nouns if n not in self.nouns]
         if unknown:
-            raise ValueError(f"unknown noun(s) {unknown}; the {self.name} world's nouns are: {', '.join(self.concepts)}")
+            raise ValueError(f"unknown noun(s) {unknown}; the {self.name} world's nouns are: {', '.join(self.nouns)}")
         return nouns
 
     # -- measuring -------------------------------------------------------------------------------
@@ -176,9 +144,7 @@ class World:
     @torch.no_grad()
     def text_features(self, texts: Sequence[str]) -> torch.Tensor:
         """L2-normalised CLIP text features, ``(N, D)`` float32 on the CPU."""
-        ids = self.clip_tokenizer(list(texts), padding="max_length", truncation=True,
-                                  max_length=self.clip_tokenizer.model_max_length, return_tensors="pt")
-        out = self.clip_model.get_text_features(input_ids=ids.input_ids.to(self.device))
+        out = self.clip_model.get_text_features(input_ids=padded_ids(self.clip_tokenizer, texts, self.device))
         return _normalised(out)
 
     @torch.no_grad()
@@ -247,149 +213,12 @@ def world_identity(world: World) -> dict:
 
 def _normalised(out) -> torch.Tensor:
     feats = out if isinstance(out, torch.Tensor) else out.pooler_output
-    feats = feats.float().cpu()
-    return feats / feats.norm(dim=-1, keepdim=True)
-
-
-def crop(image: Image.Image, box: Sequence[float], pad: float = 0.1) -> Image.Image:
-    """The part of ``image`` inside ``box`` ``(x0, y0, x1, y1)`` in [0, 1], grown by ``pad`` of its size
-    on each side (clipped to the image)."""
-    x0, y0, x1, y1 = box
-    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or x0 > x1 or y0 > y1:
-        raise ValueError(f"a box is (x0, y0, x1, y1) in [0, 1] with x0 <= x1 and y0 <= y1, got {tuple(box)}")
-    w, h = x1 - x0, y1 - y0
-    x0, x1 = max(0.0, x0 - pad * w), min(1.0, x1 + pad * w)
-    y0, y1 = max(0.0, y0 - pad * h), min(1.0, y1 + pad * h)
-    W, H = image.size
-    return image.crop((int(x0 * W), int(y0 * H), max(int(x0 * W) + 1, round(x1 * W)), max(int(y0 * H) + 1, round(y1 * H))))
-
-
-def best_box(detections, noun: str):
-    """The highest-scoring box of ``noun`` among one image's detections, or None."""
-    boxes = [(score, box) for label, box, score in detections if label == noun]
-    return max(boxes)[1] if boxes else None
-
-
-def seed_everything(seed: int = 0) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def default_device() -> tuple[torch.device, torch.dtype]:
-    """CUDA and fp16 when available, else CPU and fp32."""
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.float16
-    return torch.device("cpu"), torch.float32
-
-
-PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """``im`` as 8-bit RGB. 16-bit and 32-bit grey images ("I;16", "I", "F") are scaled to their range instead of
-    clipped (PIL's ``convert`` would turn most of a 16-bit photo white)."""
-    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        if im.mode.startswith("I;16") or (im.mode == "I" and a.max(initial=0) > 255):
-            top = 65535.0
-        elif im.mode == "F" and a.max(initial=0) <= 1.0:
-            top = 1.0
-        else:
-            top = 255.0
-        im = Image.fromarray(np.clip(np.round(a / top * 255), 0, 255).astype(np.uint8), "L")
-    return im.convert("RGB")
-
-
-def load_photos(folder: str | Path, size: int | None = None) -> list[Image.Image]:
-    """Read every image in ``folder`` as RGB (grayscale, 16-bit and RGBA are converted), optionally resized
-    to ``size`` x ``size`` (centre-cropped to a square first). Other files (not hidden, not ``.json``/``.txt``
-    notes) are named in a warning, so that a photo in an unread format is not skipped without a word."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"photo folder {folder} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
-    skipped = sorted(p.name for p in folder.iterdir() if p.is_file() and p not in files and not p.name.startswith(".")
-                     and p.suffix.lower() not in (".json", ".txt", ".md"))
-    if not files:
-        raise ValueError(f"photo folder {folder} holds no images ({', '.join(PHOTO_SUFFIXES)})"
-                         + (f"; it holds {skipped[:5]}" if skipped else ""))
-    if skipped:
-        import warnings
-
-        warnings.warn(f"photo folder {folder}: skipped {len(skipped)} file(s) that are not images of a read format "
-                      f"({', '.join(PHOTO_SUFFIXES)}): {skipped[:5]}; convert them to PNG to use them")
-    photos = []
-    for p in files:
-        try:
-            im = Image.open(p)
-            im.load()
-        except Exception as exc:  # noqa: BLE001 - any decoder error means an unreadable photo
-            raise ValueError(f"cannot read photo {p} in folder {folder}: {exc}") from exc
-        im = _to_rgb(im)
-        if size is not None:
-            s = min(im.size)
-            left, top = (im.width - s) // 2, (im.height - s) // 2
-            im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
-        photos.append(im)
-    return photos
+    return unit(feats.float().cpu())
 
 
 # ---------------------------------------------------------------------------------------------
 # The toy world
 # ---------------------------------------------------------------------------------------------
-
-
-def _toy_detector(det, device):
-    def detect(images: list[Image.Image], threshold: float) -> list[list[Detection]]:
-        if not images:
-            return []
-        x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), np.float32) / 255).permute(2, 0, 1)
-                         for im in images]).to(device)
-        with torch.no_grad():
-            logits, boxes = det(x)
-        scores = torch.sigmoid(logits).cpu().numpy()
-        boxes = boxes.cpu().numpy()
-        out = []
-        for s, b in zip(scores, boxes):
-            keep = np.nonzero(s >= threshold)[0]
-            out.append([(det.labels[k], tuple(float(v) for v in b[k]), float(s[k])) for k in keep[np.argsort(-s[keep])]])
-        return out
-
-    return detect
-
-
-@contextmanager
-def quiet_loading():
-    """Load models without progress bars or library chatter (they would stay frozen in a saved notebook's output);
-    the libraries' settings are restored afterwards."""
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
-
-    saved = [(m, m.is_progress_bar_enabled(), m.get_verbosity()) for m in (dlog, tlog)]
-    for m, _, _ in saved:
-        m.disable_progress_bar()
-        m.set_verbosity_error()
-    try:
-        with redirect_stdout(io.StringIO()):  # huggingface_hub prints "Loading weights from local directory"
-            yield
-    finally:
-        for m, bar, level in saved:
-            (m.enable_progress_bar if bar else m.disable_progress_bar)()
-            m.set_verbosity(level)
-
-
-def _load_part(cls, folder: Path, **kwargs):
-    """``cls.from_pretrained(folder)`` with an error that names the folder when its files are unreadable."""
-    try:
-        return cls.from_pretrained(folder, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - each library raises its own error type for a bad file
-        raise RuntimeError(f"cannot load the toy world's weights in {folder}: a file there is missing, truncated or "
-                           f"corrupt ({type(exc).__name__}: {str(exc)[:200]}). Re-download the repository's data/toy "
-                           "(git checkout -- data/toy) or rebuild it with `make toy-world`") from exc
 
 
 def toy_measures(root: Path, device: torch.device, dtype: torch.dtype):
@@ -400,38 +229,9 @@ def toy_measures(root: Path, device: torch.device, dtype: torch.dtype):
 
         from .toy.models import ToyDetector
 
-        clip = _load_part(CLIPModel, root / "clip", dtype=dtype).to(device).eval()
-        det = _load_part(ToyDetector, root / "detector").to(device).eval()
+        clip = load_part(CLIPModel, root / "clip", dtype=dtype).to(device).eval()
+        det = load_part(ToyDetector, root / "detector").to(device).eval()
         return clip, CLIPTokenizer.from_pretrained(root / "clip"), CLIPImageProcessor.from_pretrained(root / "clip"), det
-
-
-def _device(device, default: str | None) -> tuple[torch.device, torch.dtype]:
-    """The device asked for (argument, else ``$COMPINV_DEVICE``, else ``default``, else CUDA when available), and
-    its dtype (fp16 on CUDA, fp32 elsewhere)."""
-    where = "the device argument" if device else "COMPINV_DEVICE"
-    device = device or os.environ.get("COMPINV_DEVICE") or default
-    if device is None:
-        return default_device()
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"{where} is {device!r}, which is not a device name: use 'cpu', 'cuda', 'cuda:0' or 'mps' "
-                         "(or unset COMPINV_DEVICE for the default)") from exc
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"{where} asks for {device!r}; the worlds run on 'cpu', 'cuda' or 'mps'")
-    return dev, torch.float16 if dev.type == "cuda" else torch.float32
-
-
-def check_device(dev: torch.device) -> None:
-    """Raise ``RuntimeError`` (saying what to do) when ``dev`` does not exist on this machine, before any weights
-    are loaded onto it."""
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        have = torch.cuda.device_count() if torch.cuda.is_available() else "no"
-        raise RuntimeError(f"the device {str(dev)!r} was asked for (device argument or COMPINV_DEVICE), but this "
-                           f"machine has {have} CUDA GPU(s): unset COMPINV_DEVICE or set it to 'cpu'")
-    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise RuntimeError("the device 'mps' was asked for (device argument or COMPINV_DEVICE), but this machine has "
-                           "no Apple GPU: unset COMPINV_DEVICE or set it to 'cpu'")
 
 
 def load_toy_world(root: str | Path | None = None, device: str | torch.device | None = None,
@@ -445,16 +245,16 @@ def load_toy_world(root: str | Path | None = None, device: str | torch.device | 
     if not (root / "pipeline" / "model_index.json").exists():
         raise FileNotFoundError(f"the toy world's weights are missing from {root}; rebuild them with `make toy-world` "
                                 "(python -m compinv_utils.toy.train --out data/toy)")
-    dev, dtype = _device(device, "cpu")
+    dev, dtype = pick_device(device, "cpu")
     check_device(dev)
     with quiet_loading():  # the import too (see toy_measures)
         from diffusers import StableDiffusionPipeline
 
-        pipe = _load_part(StableDiffusionPipeline, root / "pipeline", dtype=dtype).to(dev)
+        pipe = load_part(StableDiffusionPipeline, root / "pipeline", dtype=dtype).to(dev)
     clip, clip_tokenizer, clip_processor, det = toy_measures(root, dev, dtype)
     pipe.set_progress_bar_config(disable=True)
     if concepts_dir:
-        coi = sd15_concepts(concepts_dir, size=pipe.unet.config.sample_size * pipe.vae_scale_factor)
+        coi = concepts_from_folder(concepts_dir, size=pipe.unet.config.sample_size * pipe.vae_scale_factor)
     else:
         coi = []
         for c in render.CONCEPTS:
@@ -462,7 +262,7 @@ def load_toy_world(root: str | Path | None = None, device: str | torch.device | 
             crops = [crop(im, next(box for noun, box in objs if noun == c.base)) for im, objs in drawn]
             seen = tuple(sorted({noun for _, objs in drawn for noun, _ in objs} - {c.base}))
             coi.append(ConceptOfInterest(c.name, c.token, c.base, [im for im, _ in drawn], seen, crops))
-    return World("toy", pipe, sorted(render.NOUNS), coi, clip, clip_tokenizer, clip_processor, _toy_detector(det, dev), dev, dtype,
+    return World("toy", pipe, sorted(render.NOUNS), coi, clip, clip_tokenizer, clip_processor, toy_detector(det, dev), dev, dtype,
                  guidance_scale=5.0, held_out_pairs=render.HELD_OUT_PAIRS, extras={"root": root, "detector_model": det},
                  settings=TOY_SETTINGS)
 
@@ -472,84 +272,22 @@ def load_toy_world(root: str | Path | None = None, device: str | torch.device | 
 # ---------------------------------------------------------------------------------------------
 
 
-def _detr_detector(model, processor, device, dtype):
-    id2label = model.config.id2label
-
-    def detect(images: list[Image.Image], threshold: float) -> list[list[Detection]]:
-        out = []
-        for im in images:
-            inputs = processor(images=im.convert("RGB"), return_tensors="pt").to(device)
-            with torch.no_grad():
-                res = model(pixel_values=inputs.pixel_values.to(dtype))
-            post = processor.post_process_object_detection(res, threshold=threshold, target_sizes=[(1, 1)])[0]
-            out.append([(id2label[int(lab)], tuple(float(v) for v in box.clamp(0, 1)), float(s))
-                        for s, lab, box in zip(post["scores"], post["labels"], post["boxes"])])
-        return out
-
-    return detect
-
-
-def _read_concepts_json(path: Path) -> dict[str, str]:
-    """``concepts.json``: ``{"folder name": "superclass"}``, checked (an error names the file and what to fix)."""
-    if not path.exists():
-        return {}
-    example = 'e.g. {"dog6": "dog", "my_teapot": "cup"}'
-    try:
-        mapping = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); it maps each concept folder to its superclass, "
-                         f"{example}") from exc
-    if not isinstance(mapping, dict):
-        raise ValueError(f"{path} holds a {type(mapping).__name__}, not an object mapping each concept folder to its "
-                         f"superclass, {example}")
-    bad = {k: v for k, v in mapping.items() if not isinstance(v, str) or not v.strip()}
-    if bad:
-        raise ValueError(f"{path}: the superclass of {sorted(bad)} is {list(bad.values())}, not a word; give each "
-                         f"folder a noun of the world, {example}")
-    return {k: v.strip() for k, v in mapping.items()}
-
-
 def check_superclasses(world: World) -> None:
     """Raise ``ValueError`` when a concept's superclass is not one of the world's nouns: the detector could never
     find it, so every "class found" would be 0."""
-    bad = [c for c in world.concepts_of_interest if c.superclass not in world.concepts]
+    bad = [c for c in world.concepts_of_interest if c.superclass not in world.nouns]
     if bad:
         raise ValueError(f"the superclass of concept(s) {[(c.name, c.superclass) for c in bad]} is not one of the "
                          f"{world.name} world's nouns, so its detector can never find it: name each in the concepts "
-                         f"folder's concepts.json (e.g. {{\"{bad[0].name}\": \"{world.concepts[0]}\"}}) with one of: "
-                         f"{', '.join(world.concepts)}")
-
-
-def sd15_concepts(folder: str | Path, size: int = 512) -> list[ConceptOfInterest]:
-    """Concepts of interest from a folder with one subfolder of photos per concept (e.g. the DreamBooth
-    data set). The superclass is read from ``concepts.json`` ({name: superclass}) when present, else
-    from the subfolder's name without trailing digits ("dog6" -> "dog")."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"concepts folder {folder} does not exist")
-    mapping = _read_concepts_json(folder / "concepts.json")
-    subs = sorted(p for p in folder.iterdir() if p.is_dir())
-    if not subs:
-        raise ValueError(f"concepts folder {folder} has no subfolders of photos")
-    out, seen = [], {}
-    for sub in subs:
-        name = re.sub(r"[^a-z0-9_-]", "", sub.name.lower())
-        if not name:
-            raise ValueError(f"concept folder {sub} has no letter or digit in its name, so it gives no placeholder "
-                             "token: rename it (e.g. 'my_dog')")
-        if name in seen:
-            raise ValueError(f"concept folders {seen[name]} and {sub} both become the token <{name}>: rename one")
-        seen[name] = sub
-        superclass = mapping.get(sub.name) or re.sub(r"[\d_]+$", "", sub.name).replace("_", " ")
-        out.append(ConceptOfInterest(name, f"<{name}>", superclass, load_photos(sub, size)))
-    return out
+                         f"folder's concepts.json (e.g. {{\"{bad[0].name}\": \"{world.nouns[0]}\"}}) with one of: "
+                         f"{', '.join(world.nouns)}")
 
 
 def load_sd15_world(concepts_dir: str | Path | None = None, device: str | torch.device | None = None) -> World:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import AutoImageProcessor, CLIPModel, CLIPProcessor, DetrForObjectDetection
 
-    dev, dtype = _device(device, None)
+    dev, dtype = pick_device(device, None)
     check_device(dev)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(SD15_ID, dtype=dtype, safety_checker=None,
@@ -566,22 +304,13 @@ def load_sd15_world(concepts_dir: str | Path | None = None, device: str | torch.
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe = pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
-    coi = sd15_concepts(concepts_dir) if concepts_dir else []
+    coi = concepts_from_folder(concepts_dir) if concepts_dir else []
     return World("sd15", pipe, list(COCO_NOUNS), coi, clip.to(dev).eval(), clip_proc.tokenizer,
-                 clip_proc.image_processor, _detr_detector(detr.to(dev).eval(), detr_proc, dev, dtype), dev, dtype,
+                 clip_proc.image_processor, detr_detector(detr.to(dev).eval(), detr_proc, dev, dtype), dev, dtype,
                  guidance_scale=7.5, settings=SD15_SETTINGS)
 
 
-def load_sd15_random_world(**kwargs) -> World:
-    """A world with Stable Diffusion 1.5's layer structure and random weights, built from configs (no download):
-    proves the sd15 code path on a CPU (see :mod:`compinv_utils.sd15_random`)."""
-    from .sd15_random import load_sd15_random_world as load
-
-    return load(**kwargs)
-
-
-WORLD_LOADERS: dict[str, Callable[..., World]] = {"toy": load_toy_world, "sd15": load_sd15_world,
-                                                   "sd15-random": load_sd15_random_world}
+WORLD_LOADERS: dict[str, Callable[..., World]] = {"toy": load_toy_world, "sd15": load_sd15_world}
 WORLDS = ("toy", "sd15")  # the worlds with trained weights
 
 

@@ -4,7 +4,7 @@ An experiment on the committed world, not part of the tutorial: ten concepts (th
 photographed as subject data sets are (the object large and centred, 1.25 × its noun's size; three of five photos on a
 shared background, the others on other backgrounds; a small companion in a corner of two photos), each inverted with
 plain TI (300 steps, seed 0) and sampled 8 times ("a photo of a <token> <class>"); the detector crops the class, the
-toy CLIP compares the crop with the photos' object crops, and the attribute probe of ``compinv_utils.toy.evaluate``
+toy CLIP compares the crop with the photos' object crops, and the attribute probe of ``compinv_utils.worldbuilding.quality``
 reads the main colour.
 
     python scripts/look_design.py subject            # the concepts' own looks (two colours and a pattern)
@@ -25,10 +25,11 @@ import numpy as np
 import torch
 
 from compinv_utils.inversion import InversionConfig, invert, unload
-from compinv_utils.metrics import object_alignment
+from compinv_utils.measures import object_alignment
 from compinv_utils.toy import render
-from compinv_utils.toy.evaluate import _look, _object_crops, _shared_probe
-from compinv_utils.world import crop, load_world
+from compinv_utils.worldbuilding.quality import _look, _object_crops, _shared_probe
+from compinv_utils.world import load_world
+from compinv_utils.detection import crop
 
 # name, class, colour, second colour, pattern, shared background, companion
 CONCEPTS = [("mochi", "cat", "purple", "yellow", "striped", "grass", "ball"),

@@ -7,7 +7,7 @@
   world's identity, the inversion folders its settings name, and per group the partners (checked against its
   records) and the hashes of the inversion files as committed now. Fits of other methods (``methods/``) are not
   part of the repository, so their hashes are recorded as unknown;
-- the pair table (``pair_table.json``) records the world it was made in (:func:`compinv_utils.metrics.stamp_pair_table`);
+- the pair table (``pair_table.json``) records the world it was made in (:func:`compinv_utils.pairs.stamp_pair_table`);
 - the layout records (``layout/layout.jsonl``) get their ``.missed`` list (:func:`compinv_utils.layout.migrate_missed`).
 
 A file that already has its records is left as it is.
@@ -21,8 +21,9 @@ from pathlib import Path
 
 from compinv_utils import evaluation as V
 from compinv_utils import layout as L
-from compinv_utils import metrics as M
-from compinv_utils.world import load_world, shown_path
+from compinv_utils.pairs import partner_nouns, stamp_pair_table
+from compinv_utils.world import load_world
+from compinv_utils.paths import shown_path
 
 
 def inversion_folders(world, settings: dict) -> dict[str, Path]:
@@ -52,13 +53,13 @@ def main(argv=None) -> None:
         settings = json.loads(cache.read_text())["settings"]
         method = settings.get("inversion_method", "ti")
         folders = inversion_folders(world, settings)
-        left = V.stamp_cache(world, cache, lambda c: M.partners(world, c), folders, inversion_method=method,
+        left = V.stamp_cache(world, cache, lambda c: partner_nouns(world, c), folders, inversion_method=method,
                              hash_files=method == "ti")
         print(f"{shown_path(cache)}: {'; '.join(f'{k} -> {shown_path(v)}' for k, v in folders.items())}"
               + (f"; left unstamped (recomputed by table1): {left}" if left else ""))
     pairs = Path(world.data_dir) / "pair_table.json"
     if pairs.exists():
-        wrote = M.stamp_pair_table(world, pairs)
+        wrote = stamp_pair_table(world, pairs)
         print(f"{shown_path(pairs)}: " + ("stamped with the world" if wrote else "records its world"))
     records = Path(world.data_dir) / "layout" / "layout.jsonl"
     if records.exists():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from compinv_utils.toy import ablation, train
+from compinv_utils.worldbuilding import ablation, train
 from compinv_utils.world import TOY_DIR
 
 

@@ -55,9 +55,9 @@ def test_anchor_gradient_pulls_toward_active_anchors(atoms):
 
 def test_bad_lambda_and_words(toy_world):
     with pytest.raises(ValueError, match="λ .*\\[0, 1\\].*1.5"):
-        AnchorLoss(toy_world.pipe, toy_world.concepts, lam=1.5)
+        AnchorLoss(toy_world.pipe, toy_world.nouns, lam=1.5)
     with pytest.raises(ValueError, match="c must be between 1 and the number of anchors"):
-        AnchorLoss(toy_world.pipe, toy_world.concepts, c=0)
+        AnchorLoss(toy_world.pipe, toy_world.nouns, c=0)
     with pytest.raises(ValueError, match="not a single token"):
         anchor_embeddings(toy_world.pipe, ["cat", "zebra"])
     with pytest.raises(ValueError, match="λ"):
@@ -71,7 +71,7 @@ def test_lambda_zero_reproduces_plain_ti(toy_world):
         plain = invert(pipe, coi.photos, "<p0>", coi.superclass, cfg, progress=False)
         unload(pipe, "<p0>")
         with_anchor = invert(pipe, coi.photos, "<p0>", coi.superclass, cfg,
-                             loss_fn=AnchorLoss(pipe, toy_world.concepts, lam=0.0, choice="recode"), progress=False)
+                             loss_fn=AnchorLoss(pipe, toy_world.nouns, lam=0.0, choice="recode"), progress=False)
         assert torch.equal(plain.embeddings, with_anchor.embeddings)
         assert with_anchor.log and "anchors" in with_anchor.log[0]
         assert with_anchor.log[0]["anchors"] == {coi.superclass: 1.0}  # re-coding starts one-hot on the superclass word
@@ -82,11 +82,11 @@ def test_lambda_zero_reproduces_plain_ti(toy_world):
 def test_high_lambda_keeps_the_embedding_near_the_anchors(toy_world):
     pipe, coi = toy_world.pipe, toy_world.concepts_of_interest[0]
     cfg = InversionConfig(steps=30, batch_size=2, lr=5e-2)
-    anchors = anchor_embeddings(pipe, toy_world.concepts)
+    anchors = anchor_embeddings(pipe, toy_world.nouns)
     try:
         free = invert(pipe, coi.photos, "<p1>", coi.superclass, cfg, progress=False).embeddings[0]
         held = invert(pipe, coi.photos, "<p2>", coi.superclass, cfg,
-                      loss_fn=AnchorLoss(pipe, toy_world.concepts, lam=0.95, c=3), progress=False).embeddings[0]
+                      loss_fn=AnchorLoss(pipe, toy_world.nouns, lam=0.95, c=3), progress=False).embeddings[0]
         dist = lambda v: torch.cdist(v[None], anchors).min()  # noqa: E731
         assert dist(held) < dist(free)
     finally:
@@ -144,7 +144,7 @@ def test_official_loss_is_the_embedding_layer_mse(toy_world):
 
 def test_semantic_anchors_are_the_class_and_its_neighbours_fixed_for_the_run(toy_world):
     pipe, coi = toy_world.pipe, toy_world.concepts_of_interest[0]
-    loss = AnchorLoss(pipe, toy_world.concepts, lam=0.5, c=3)
+    loss = AnchorLoss(pipe, toy_world.nouns, lam=0.5, c=3)
     assert loss.choice == "semantic"
     try:
         res = invert(pipe, coi.photos, "<p5>", coi.superclass, InversionConfig(steps=30, batch_size=2, lr=5e-2),
@@ -154,13 +154,13 @@ def test_semantic_anchors_are_the_class_and_its_neighbours_fixed_for_the_run(toy
     first, last = res.log[0]["anchors"], res.log[-1]["anchors"]
     assert first == last and len(first) == 3  # fixed: the photos cannot pull the anchors elsewhere
     assert max(first, key=first.get) == coi.superclass  # the class word, with the largest weight
-    table = anchor_embeddings(pipe, toy_world.concepts)
-    cos = torch.nn.functional.cosine_similarity(table, table[toy_world.concepts.index(coi.superclass)][None])
-    nearest = {toy_world.concepts[i] for i in torch.argsort(cos, descending=True)[:3].tolist()}
+    table = anchor_embeddings(pipe, toy_world.nouns)
+    cos = torch.nn.functional.cosine_similarity(table, table[toy_world.nouns.index(coi.superclass)][None])
+    nearest = {toy_world.nouns[i] for i in torch.argsort(cos, descending=True)[:3].tolist()}
     assert set(first) == nearest
     assert sum(first.values()) == pytest.approx(1, abs=1e-3)
     with pytest.raises(ValueError, match="anchor choice"):
-        AnchorLoss(pipe, toy_world.concepts, choice="nearest")
+        AnchorLoss(pipe, toy_world.nouns, choice="nearest")
 
 
 @pytest.mark.parametrize("choice", ["semantic", "recode"])
@@ -182,7 +182,7 @@ def test_an_interrupted_semantic_inversion_resumes_to_the_uninterrupted_result(t
             return super().__call__(rec, e, step)
 
     def make():
-        return Crashing(pipe, toy_world.concepts, lam=0.5, c=3, refresh_every=2, choice=choice)
+        return Crashing(pipe, toy_world.nouns, lam=0.5, c=3, refresh_every=2, choice=choice)
 
     try:
         full = invert(pipe, coi.photos, "<p6>", coi.superclass, cfg, loss_fn=make(), progress=False)

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from compinv_utils.attention import (AttentionStore, attention_store, cond_half, cross_attention_layers,
-                                     prompt_token_positions, relative_similarity, token_indices)
+                                     relative_similarity)
+from compinv_utils.tokens import prompt_token_positions, token_indices
 from sd15_shapes import sd15_pipeline
 
 

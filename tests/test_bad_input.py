@@ -15,8 +15,8 @@ from compinv_utils import inversion as I
 from compinv_utils import layout as L
 from compinv_utils.anchors import AnchorLoss
 from compinv_utils.guidance import GuidanceConfig, guided_generate, localisation_loss
-from compinv_utils.metrics import bootstrap_ci, bootstrap_diff_ci
-from compinv_utils.world import crop
+from compinv_utils.statistics import bootstrap_ci, bootstrap_diff_ci
+from compinv_utils.detection import crop
 
 TINY = I.InversionConfig(steps=1, batch_size=1)
 TOKENS = ("<b1>", "<b2>", "<b3>", "<b4>", "<a-b>", "<a_b>")
@@ -222,7 +222,7 @@ def fake_generation(monkeypatch, world, fail_after: int | None = None):
         return [None] * len(prompts)
 
     def detect(images, threshold=0.5):
-        return [[(n, (0.1, 0.1, 0.5, 0.5), 0.9) for n in world.concepts] for _ in images]
+        return [[(n, (0.1, 0.1, 0.5, 0.5), 0.9) for n in world.nouns] for _ in images]
 
     monkeypatch.setattr(world, "generate", generate)
     monkeypatch.setattr(world, "detect", detect)
@@ -385,7 +385,7 @@ def test_world_generate_input(world, prompts, kw, message):
 @pytest.mark.parametrize("kw, error, message", [
     (dict(words="cat"), TypeError, "words must be a list of anchor words"),
     (dict(words=[]), ValueError, "no anchor words"),
-    (dict(method="kmeans"), ValueError, "unknown sparse coder"),
+    (dict(coder="kmeans"), ValueError, "unknown sparse coder"),
     (dict(lam=float("nan")), ValueError, "must be in \\[0, 1\\]"),
 ])
 def test_anchor_loss_input(world, kw, error, message):
@@ -404,7 +404,7 @@ def test_bootstrap_refuses_nan_and_bad_levels():
 
 
 def test_a_word_past_the_token_limit(world):
-    from compinv_utils.attention import token_indices
+    from compinv_utils.tokens import token_indices
 
     with pytest.raises(ValueError, match="past the 76 tokens the text encoder reads; shorten the prompt"):
         token_indices(world.pipe.tokenizer, "a " * 80 + "cat", "cat")
@@ -435,13 +435,13 @@ def test_crop_refuses_an_inverted_box(world):
 def test_concept_folders_that_give_no_token_or_the_same_one(tmp_path, names, message):
     from PIL import Image
 
-    from compinv_utils.world import sd15_concepts
+    from compinv_utils.concepts import concepts_from_folder
 
     for n in names:
         (tmp_path / n).mkdir()
         Image.new("RGB", (8, 8)).save(tmp_path / n / "a.png")
     with pytest.raises(ValueError, match=message):
-        sd15_concepts(tmp_path, size=8)
+        concepts_from_folder(tmp_path, size=8)
 
 
 # -- issue 34: the last silent answers and unclear errors ------------------------------------------------------
@@ -506,7 +506,7 @@ def test_an_absurd_guidance_step_stops_instead_of_a_black_image(world):
 
 
 def test_a_repeated_word_guides_each_occurrence(world):
-    from compinv_utils.guidance import word_positions
+    from compinv_utils.tokens import word_positions
 
     tok = world.pipe.tokenizer
     first, second = word_positions(tok, "a cat and a cat", ["cat", "cat"])
@@ -518,7 +518,7 @@ def test_a_repeated_word_guides_each_occurrence(world):
 def test_sixteen_bit_photos_keep_their_grey_and_tiffs_are_read(tmp_path):
     from PIL import Image
 
-    from compinv_utils.world import load_photos
+    from compinv_utils.concepts import load_photos
 
     grey = np.full((8, 8), 32768, dtype=np.uint16)  # mid grey in 16 bits
     Image.fromarray(grey).save(tmp_path / "a.png")
@@ -532,7 +532,7 @@ def test_sixteen_bit_photos_keep_their_grey_and_tiffs_are_read(tmp_path):
 def test_a_photo_in_an_unread_format_is_named(tmp_path):
     from PIL import Image
 
-    from compinv_utils.world import load_photos
+    from compinv_utils.concepts import load_photos
 
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     (tmp_path / "b.heic").write_bytes(b"not read")
@@ -553,13 +553,13 @@ def test_layouts_refuse_an_unknown_word_or_an_unloaded_placeholder(world):
     from compinv_utils.evaluation import Layouts
 
     d = dim(world)
-    layouts = Layouts(L.LayoutMLP(d), {n: torch.randn(d) for n in world.concepts})
+    layouts = Layouts(L.LayoutMLP(d), {n: torch.randn(d) for n in world.nouns})
     with pytest.raises(ValueError, match="'<b1>' is a placeholder that is not loaded"):
         layouts.boxes(world.pipe, "<b1>", "cat")
     with pytest.raises(ValueError, match="'spaceship' is neither one of the layout MLP's nouns"):
         layouts.boxes(world.pipe, "cat", "spaceship")
     with pytest.raises(ValueError, match="not a token of the pipeline"):
-        L.nearest_noun(world.pipe, "<b1>", world.concepts)
+        L.nearest_noun(world.pipe, "<b1>", world.nouns)
 
 
 def test_zero_features_and_miscounted_predictions_are_refused():
@@ -603,7 +603,7 @@ def test_a_layout_mlp_of_another_dimension_names_the_file(world, tmp_path):
 
 
 def test_image_alignment_without_photos(world):
-    from compinv_utils.metrics import image_alignment
+    from compinv_utils.measures import image_alignment
 
     with pytest.raises(ValueError, match="no photos to compare with"):
         image_alignment(world, world.concepts_of_interest[0].photos[:1], [])
@@ -631,13 +631,13 @@ def test_a_template_that_pushes_the_placeholder_past_the_token_limit(world, conc
 def test_a_bad_concepts_json_names_the_file(tmp_path, text, message):
     from PIL import Image
 
-    from compinv_utils.world import sd15_concepts
+    from compinv_utils.concepts import concepts_from_folder
 
     (tmp_path / "dog").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "dog" / "a.png")
     (tmp_path / "concepts.json").write_text(text)
     with pytest.raises(ValueError, match=message):
-        sd15_concepts(tmp_path, size=8)
+        concepts_from_folder(tmp_path, size=8)
 
 
 def test_a_superclass_the_detector_cannot_find_is_refused(toy_world, monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from compinv_utils import layout as L
-from compinv_utils import metrics as M
+from compinv_utils.pairs import load_or_compute_pair_table
 from compinv_utils.course import load_or_compute
 
 NOUNS = ["ball", "cat", "dog", "kite", "boat"]
@@ -93,12 +93,12 @@ def test_two_processes_on_the_same_jobs_keep_each_record_once(tmp_path):
 
 
 def _pair_writer(path, nouns, seeds):
-    M.load_or_compute_pair_table(FakeWorld(), path, nouns, seeds=seeds)
+    load_or_compute_pair_table(FakeWorld(), path, nouns, seeds=seeds)
 
 
 def test_two_processes_asking_for_other_pairs_and_seeds_lose_nothing(tmp_path, slow_writes):
     path = tmp_path / "pair_table.json"
-    M.load_or_compute_pair_table(FakeWorld(), path, NOUNS, seeds=2)  # the full table: 10 pairs
+    load_or_compute_pair_table(FakeWorld(), path, NOUNS, seeds=2)  # the full table: 10 pairs
     full = json.loads(path.read_text())
     _run_all(_pair_writer, [(path, ["ball", "cat", "kite"], 1), (path, ["dog", "boat"], 3)])
     data = json.loads(path.read_text())
@@ -107,7 +107,7 @@ def test_two_processes_asking_for_other_pairs_and_seeds_lose_nothing(tmp_path, s
     assert set(data["other_seeds"]["3"]["pairs"]) == {"dog|boat"}
     # a subset with the main seeds is read, not recomputed; nothing is written
     stamp = path.stat().st_mtime_ns
-    assert set(M.load_or_compute_pair_table(FakeWorld(), path, ["cat", "dog"], seeds=2)) == {("cat", "dog")}
+    assert set(load_or_compute_pair_table(FakeWorld(), path, ["cat", "dog"], seeds=2)) == {("cat", "dog")}
     assert path.stat().st_mtime_ns == stamp
 
 
@@ -126,9 +126,9 @@ def test_a_backup_is_never_overwritten_by_a_smaller_file(tmp_path):
 
 def test_repeated_pair_table_requests_keep_the_largest_backup(tmp_path):
     path = tmp_path / "pair_table.json"
-    M.load_or_compute_pair_table(FakeWorld(), path, NOUNS, seeds=2)
-    M.load_or_compute_pair_table(FakeWorld(), path, ["cat", "dog"], seeds=1)
-    M.load_or_compute_pair_table(FakeWorld(), path, ["cat", "kite"], seeds=1)
+    load_or_compute_pair_table(FakeWorld(), path, NOUNS, seeds=2)
+    load_or_compute_pair_table(FakeWorld(), path, ["cat", "dog"], seeds=1)
+    load_or_compute_pair_table(FakeWorld(), path, ["cat", "kite"], seeds=1)
     assert len(json.loads(path.read_text())["pairs"]) == 10
     backups = [json.loads(p.read_text()) for p in tmp_path.glob("pair_table.old*.json")]
     assert max(len(b["pairs"]) for b in backups) == 10

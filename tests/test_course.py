@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from compinv_utils import Claims, load_or_compute, load_world, register_world, setup_figures
-from compinv_utils import metrics as M
+from compinv_utils.pairs import load_or_compute_pair_table, partner_nouns
 from compinv_utils import world as W
+from compinv_utils.paths import REPO_ROOT, data_root, shown_path
+from compinv_utils.runtime import pick_device
 from compinv_utils.course import FindingChanged
 
 
@@ -77,7 +79,7 @@ def test_setup_figures_sets_a_legible_dpi():
 
 
 def test_registry_knows_the_worlds_and_names_them_in_errors():
-    assert {"toy", "sd15", "sd15-random"} <= set(W.WORLD_LOADERS)
+    assert {"toy", "sd15"} <= set(W.WORLD_LOADERS)
     with pytest.raises(ValueError, match="unknown world 'sdxl'.*toy, sd15"):
         load_world("sdxl")
     with pytest.raises(ValueError, match="cannot load the world loader 'no.such.module:f'"):
@@ -119,29 +121,29 @@ def test_concepts_folder_from_the_environment_reaches_the_loader(monkeypatch, tm
 
 def test_data_root_follows_the_environment(monkeypatch, tmp_path, toy_world):
     monkeypatch.delenv("COMPINV_DATA", raising=False)
-    assert W.data_root() == W.REPO_ROOT / "data"
-    assert toy_world.data_dir == W.REPO_ROOT / "data" / "toy"
+    assert data_root() == REPO_ROOT / "data"
+    assert toy_world.data_dir == REPO_ROOT / "data" / "toy"
     monkeypatch.setenv("COMPINV_DATA", str(tmp_path))
-    assert W.data_root() == tmp_path and toy_world.data_dir == tmp_path / "toy"
+    assert data_root() == tmp_path and toy_world.data_dir == tmp_path / "toy"
 
 
 def test_shown_path_is_relative_inside_the_clone_and_unchanged_outside(monkeypatch, tmp_path):
     monkeypatch.delenv("COMPINV_DATA", raising=False)
-    assert W.shown_path(W.REPO_ROOT / "data" / "toy") == "data/toy"
-    assert W.shown_path(tmp_path / "x") == str(tmp_path / "x")
+    assert shown_path(REPO_ROOT / "data" / "toy") == "data/toy"
+    assert shown_path(tmp_path / "x") == str(tmp_path / "x")
     clone = tmp_path / "clone"  # a regular install: the package elsewhere, the data in the clone
     monkeypatch.setenv("COMPINV_DATA", str(clone / "data"))
-    assert W.shown_path(clone / "data" / "toy" / "layout") == "data/toy/layout"
+    assert shown_path(clone / "data" / "toy" / "layout") == "data/toy/layout"
 
 
 def test_toy_world_stays_on_the_cpu_in_fp32_unless_asked(monkeypatch):
     monkeypatch.delenv("COMPINV_DEVICE", raising=False)
-    dev, dtype = W._device(None, "cpu")
+    dev, dtype = pick_device(None, "cpu")
     assert (dev.type, dtype) == ("cpu", torch.float32)
     monkeypatch.setenv("COMPINV_DEVICE", "cuda")
-    dev, dtype = W._device(None, "cpu")
+    dev, dtype = pick_device(None, "cpu")
     assert (dev.type, dtype) == ("cuda", torch.float16)
-    dev, dtype = W._device("cpu", "cpu")  # an explicit argument wins over the environment
+    dev, dtype = pick_device("cpu", "cpu")  # an explicit argument wins over the environment
     assert (dev.type, dtype) == ("cpu", torch.float32)
 
 
@@ -163,8 +165,8 @@ def test_budgets_live_on_the_world(toy_world):
     s = toy_world.settings
     assert (s.n_partners, s.gen_seeds, s.inversion_seeds, s.pair_nouns) == (4, 2, 3, None)
     c = toy_world.concepts_of_interest[0]
-    assert M.partners(toy_world, c) == M.partners(toy_world, c, k=4)
-    assert len(M.partners(toy_world, c, k=2)) == 2
+    assert partner_nouns(toy_world, c) == partner_nouns(toy_world, c, k=4)
+    assert len(partner_nouns(toy_world, c, k=2)) == 2
     sd = W.SD15_SETTINGS
     assert sd.max_concepts == 2 and sd.pair_nouns == 8 and sd.inversion_steps < 3000
 
@@ -185,13 +187,13 @@ def test_pair_table_cache_is_reused_and_refreshed_when_stale(toy_world, tmp_path
     nouns = ["cat", "kite", "boat"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        table = M.load_or_compute_pair_table(toy_world, path, nouns, seeds=1)
+        table = load_or_compute_pair_table(toy_world, path, nouns, seeds=1)
     assert set(table) == {("cat", "kite"), ("cat", "boat"), ("kite", "boat")}
     assert set(table[("cat", "kite")]) == {"a", "b", "both"}
     stamp = path.stat().st_mtime_ns
-    again = M.load_or_compute_pair_table(toy_world, path, nouns[:2], seeds=1)  # a subset: read from the cache
+    again = load_or_compute_pair_table(toy_world, path, nouns[:2], seeds=1)  # a subset: read from the cache
     assert again == {("cat", "kite"): table[("cat", "kite")]} and path.stat().st_mtime_ns == stamp
-    M.load_or_compute_pair_table(toy_world, path, nouns, seeds=2)  # other seeds: recomputed, the old file kept
+    load_or_compute_pair_table(toy_world, path, nouns, seeds=2)  # other seeds: recomputed, the old file kept
     assert json.loads(path.read_text())["seeds"] == 2
     assert json.loads(path.with_suffix(".old.json").read_text())["seeds"] == 1
 

@@ -63,7 +63,7 @@ def test_a_rows_dreambench_scores_come_from_its_images(toy_world, models, monkey
     monkeypatch.setattr(toy_world, "concepts_of_interest", one)
     scores = N.dreambench_rows(toy_world, models, ["TI"], seeds=1)["TI"]
     images, records = N.row_images(toy_world, "TI", one[0], seeds=1)
-    assert len(images) == len(records) == len(N.M.partners(toy_world, one[0]))
+    assert len(images) == len(records) == len(N.partner_nouns(toy_world, one[0]))
     assert np.isclose(scores["dino"], float(dino_score(models, images, one[0].photos).mean()), atol=1e-5)
     with pytest.raises(ValueError, match="unknown row"):
         N.row_images(toy_world, "DreamBooth", one[0])

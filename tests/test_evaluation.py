@@ -3,7 +3,10 @@ import pytest
 import torch
 
 from compinv_utils import evaluation as V
-from compinv_utils import metrics as M
+from compinv_utils.measures import all_found, coi_found
+from compinv_utils.pairs import partner_nouns
+from compinv_utils.prompts import article
+from compinv_utils.statistics import bootstrap_ci, cluster_bootstrap, cluster_bootstrap_diff, cluster_means, cluster_t_interval, cluster_t_interval_diff, excludes_zero
 from compinv_utils.embeddings import input_embeddings
 from compinv_utils.guidance import GuidanceConfig, guided_generate
 from compinv_utils.inversion import save_embedding
@@ -72,13 +75,13 @@ def inversions(toy_world, tmp_path):
 def _layouts(toy_world):
     torch.manual_seed(0)
     dim = toy_world.pipe.text_encoder.get_input_embeddings().weight.shape[1]
-    feats = {n: torch.randn(dim) for n in toy_world.concepts}
+    feats = {n: torch.randn(dim) for n in toy_world.nouns}
     return V.Layouts(LayoutMLP(dim), feats)
 
 
 def test_table1_records_resume_and_summary(toy_world, inversions, monkeypatch):
     cs = toy_world.concepts_of_interest[:2]
-    partners_for = lambda c: M.partners(toy_world, c, ["kite", "car"], k=1)  # noqa: E731
+    partners_for = lambda c: partner_nouns(toy_world, c, ["kite", "car"], k=1)  # noqa: E731
     cache = inversions["plain"].parent / "table1.json"
     kw = dict(seeds=1, pair_seeds=1, inv_seeds=(0, 1), concepts=cs, cache=cache,
               guidance=GuidanceConfig(guided_steps=2, inner_iters=1), progress=False)
@@ -89,11 +92,11 @@ def test_table1_records_resume_and_summary(toy_world, inversions, monkeypatch):
         r = recs[0]
         assert set(r) == {"setting", "method", "concepts", "inv_seed", "partner", "seed", "prompt", "objects", "found",
                           "text_alignment", "image_alignment", "object_alignment"}
-        assert r["prompt"] == f"a {cs[0].token} {cs[0].superclass} and {M.article(r['partner'])}"
+        assert r["prompt"] == f"a {cs[0].token} {cs[0].superclass} and {article(r['partner'])}"
         assert r["objects"] == [cs[0].superclass, r["partner"]]
         assert all(-1 <= x["text_alignment"] <= 1 and set(x["found"]) <= {0.0, 1.0} for x in recs)
         assert {x["inv_seed"] for x in recs} == {0, 1}
-        assert {x["method"] for x in recs} == set(V.METHODS)
+        assert {x["method"] for x in recs} == set(V.TABLE1_METHODS)
         # TI and +spatial differ (guidance changed the images); no placeholder is left loaded
         ti = V.column(recs, "noun", "TI", "text_alignment")
         sp = V.column(recs, "noun", "+spatial", "text_alignment")
@@ -180,9 +183,9 @@ def test_table1_columns_on_a_hand_made_case():
 
 def test_coi_detects_the_prompts_last_object():
     dets = [("cat", (0, 0, 0.5, 1), 0.9)]
-    assert M.coi_found(dets, ["cat", "kite"]) == 0.0
-    assert M.coi_found(dets + [("kite", (0.5, 0, 1, 1), 0.85)], ["cat", "kite"]) == 1.0
-    assert M.all_found(dets, ["cat", "kite"]) == 0.0
+    assert coi_found(dets, ["cat", "kite"]) == 0.0
+    assert coi_found(dets + [("kite", (0.5, 0, 1, 1), 0.85)], ["cat", "kite"]) == 1.0
+    assert all_found(dets, ["cat", "kite"]) == 0.0
 
 
 def test_cluster_bootstrap_resamples_concepts_and_seeds():
@@ -194,31 +197,31 @@ def test_cluster_bootstrap_resamples_concepts_and_seeds():
         for s in range(3):
             for _ in range(20):
                 vals.append(float(rng.random() < lv)); cl.append(k); sub.append(s)
-    mean, lo, hi = M.cluster_bootstrap(vals, cl, sub, n_boot=1000)
-    naive = M.bootstrap_ci(vals, n_boot=1000)
+    mean, lo, hi = cluster_bootstrap(vals, cl, sub, n_boot=1000)
+    naive = bootstrap_ci(vals, n_boot=1000)
     assert mean == pytest.approx(np.mean(vals))
     assert lo < mean < hi
     assert (hi - lo) > 2 * (naive[2] - naive[1])  # clustered data: far wider than the image-level interval
     # identical concepts: the interval collapses onto the shared value
-    assert M.cluster_bootstrap([1.0] * 6, [0, 0, 1, 1, 2, 2], [0, 1] * 3)[1:] == (1.0, 1.0)
+    assert cluster_bootstrap([1.0] * 6, [0, 0, 1, 1, 2, 2], [0, 1] * 3)[1:] == (1.0, 1.0)
     # NaN values are dropped; all-NaN and mismatched labels are errors
-    assert M.cluster_bootstrap([1.0, np.nan, 0.0], [0, 0, 1])[0] == 0.5
+    assert cluster_bootstrap([1.0, np.nan, 0.0], [0, 0, 1])[0] == 0.5
     with pytest.raises(ValueError, match="no values"):
-        M.cluster_bootstrap([np.nan], [0])
+        cluster_bootstrap([np.nan], [0])
     with pytest.raises(ValueError, match="cluster"):
-        M.cluster_bootstrap([1.0, 2.0], [0])
+        cluster_bootstrap([1.0, 2.0], [0])
 
 
 def test_partners_skip_what_the_photos_show(toy_world):
     indigo = toy_world.concept("indigo")
     assert "kite" in indigo.in_photos
-    assert "kite" not in M.partners(toy_world, indigo)
-    assert M.partners(toy_world, "barn")[0] == "kite"  # a bare superclass has no photos
+    assert "kite" not in partner_nouns(toy_world, indigo)
+    assert partner_nouns(toy_world, "barn")[0] == "kite"  # a bare superclass has no photos
 
 
 def test_cluster_bootstrap_difference_of_two_samples():
     a, b = [1.0, 1.0, 0.8, 0.9], [0.0, 0.1, 0.2]
-    d, lo, hi = M.cluster_bootstrap_diff(a, [0, 0, 1, 1], b, [0, 1, 2], a_sub=[0, 1, 0, 1])
+    d, lo, hi = cluster_bootstrap_diff(a, [0, 0, 1, 1], b, [0, 1, 2], a_sub=[0, 1, 0, 1])
     assert d == pytest.approx(np.mean(a) - np.mean(b)) and 0 < lo <= d <= hi
 
 
@@ -226,19 +229,19 @@ def test_cluster_t_interval_known_answer():
     # five concepts whose means are 1..5 (two seeds each, balanced): mean 3, s = 1.5811, t_{4, 0.975} = 2.7764
     vals = [0.5, 1.5, 2.0, 2.0, 2.5, 3.5, 4.0, 4.0, 5.5, 4.5]
     cl = [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
-    mean, lo, hi = M.cluster_t_interval(vals, cl, [0, 1] * 5)
+    mean, lo, hi = cluster_t_interval(vals, cl, [0, 1] * 5)
     half = 2.7764451 * np.sqrt(2.5) / np.sqrt(5)
     assert mean == pytest.approx(3.0) and lo == pytest.approx(3 - half) and hi == pytest.approx(3 + half)
-    assert list(M.cluster_means(vals, cl, [0, 1] * 5)) == pytest.approx([1, 2, 3, 4, 5])
+    assert list(cluster_means(vals, cl, [0, 1] * 5)) == pytest.approx([1, 2, 3, 4, 5])
     # seeds are averaged before concepts: an unbalanced seed does not outweigh the others
-    assert M.cluster_means([0.0, 0.0, 0.0, 1.0], [0, 0, 0, 0], [0, 0, 0, 1])[0] == pytest.approx(0.5)
+    assert cluster_means([0.0, 0.0, 0.0, 1.0], [0, 0, 0, 0], [0, 0, 0, 1])[0] == pytest.approx(0.5)
     # one concept: no spread to estimate, so no interval (and no claim)
-    assert np.isnan(M.cluster_t_interval([1.0, 2.0], [0, 0])[1])
-    assert not M.excludes_zero(M.cluster_t_interval([1.0, 2.0], [0, 0]))
-    assert M.excludes_zero((0.2, 0.1, 0.3)) and M.excludes_zero((-0.2, -0.3, -0.1))
-    assert not M.excludes_zero((0.2, -0.1, 0.3))
+    assert np.isnan(cluster_t_interval([1.0, 2.0], [0, 0])[1])
+    assert not excludes_zero(cluster_t_interval([1.0, 2.0], [0, 0]))
+    assert excludes_zero((0.2, 0.1, 0.3)) and excludes_zero((-0.2, -0.3, -0.1))
+    assert not excludes_zero((0.2, -0.1, 0.3))
     with pytest.raises(ValueError, match="level"):
-        M.cluster_t_interval(vals, cl, level=95)
+        cluster_t_interval(vals, cl, level=95)
 
 
 def test_cluster_t_interval_covers_at_its_level_with_five_concepts():
@@ -255,9 +258,9 @@ def test_cluster_t_interval_covers_at_its_level_with_five_concepts():
                 nu = mu + 0.1 * rng.standard_normal()
                 for x in nu + 0.05 * rng.standard_normal(8):
                     vals.append(x); cl.append(k); sub.append(s)
-        _, lo, hi = M.cluster_t_interval(vals, cl, sub)
+        _, lo, hi = cluster_t_interval(vals, cl, sub)
         hits_t += lo <= 0.3 <= hi
-        _, lo, hi = M.cluster_bootstrap(vals, cl, sub, n_boot=200, seed=int(rng.integers(1 << 30)))
+        _, lo, hi = cluster_bootstrap(vals, cl, sub, n_boot=200, seed=int(rng.integers(1 << 30)))
         hits_b += lo <= 0.3 <= hi
     assert 0.91 <= hits_t / runs <= 0.99
     assert hits_b / runs < hits_t / runs - 0.05
@@ -265,7 +268,7 @@ def test_cluster_t_interval_covers_at_its_level_with_five_concepts():
 
 def test_cluster_t_interval_difference_of_two_samples():
     a, b = [1.0, 1.0, 0.8, 0.9, 0.7, 0.9], [0.0, 0.1, 0.2]
-    d, lo, hi = M.cluster_t_interval_diff(a, [0, 0, 1, 1, 2, 2], b, [0, 1, 2], a_sub=[0, 1] * 3)
+    d, lo, hi = cluster_t_interval_diff(a, [0, 0, 1, 1, 2, 2], b, [0, 1, 2], a_sub=[0, 1] * 3)
     ma, mb = np.array([1.0, 0.85, 0.8]), np.array([0.0, 0.1, 0.2])
     assert d == pytest.approx(ma.mean() - mb.mean()) and 0 < lo < d < hi
     va, vb = ma.var(ddof=1) / 3, mb.var(ddof=1) / 3

@@ -72,7 +72,7 @@ def test_mlp_learns_a_planted_layout():
 
 
 def test_nearest_noun(toy_world):
-    assert nearest_noun(toy_world.pipe, "cat", toy_world.concepts) == "cat"
+    assert nearest_noun(toy_world.pipe, "cat", toy_world.nouns) == "cat"
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU")

@@ -215,17 +215,17 @@ def test_evaluation_loads_and_unloads_through_the_method(cd, fresh, tmp_path):
     before = dict(pipe.unet.attn_processors)
     cd["m"].save(cd["fitted"], V.inversion_folder(tmp_path / "plain", c.name, 0))
     recs = V.evaluate_group(fresh, "noun", "TI", [c], ["kite"], 1, {"plain": tmp_path / "plain"},
-                            inversion_method="custom_diffusion")
+                            block="custom_diffusion")
     assert len(recs) == 1 and recs[0]["inversion_method"] == "custom_diffusion"
     assert recs[0]["prompt"] == f"a {c.token} {c.superclass} and a kite"
     assert _same_processors(pipe.unet, before) and c.token not in pipe.tokenizer.get_vocab()
     with pytest.raises(ValueError, match="same placeholder '<cd>'"):  # one concept twice is not a composition
         V.evaluate_group(fresh, "concept", "TI", [c, c], [], 1, {"plain": tmp_path / "plain"},
-                         inversion_method="custom_diffusion")
+                         block="custom_diffusion")
     assert _same_processors(pipe.unet, before) and c.token not in pipe.tokenizer.get_vocab()
     with pytest.raises(FileNotFoundError, match="get_method\\('dreambooth'\\)"):
         V.evaluate_group(fresh, "noun", "TI", [c], ["kite"], 1, {"plain": tmp_path / "none"},
-                         inversion_method="dreambooth")
+                         block="dreambooth")
 
 
 def test_recording_attention_wraps_custom_diffusion_processors(cd):
@@ -392,7 +392,7 @@ def test_each_method_trains_and_guides_an_sd15_shaped_model():
     pipe.unet.register_to_config(sample_size=8)  # 64 px images
     rng = np.random.default_rng(0)
     photos = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(2)]
-    from compinv_utils.world import ConceptOfInterest
+    from compinv_utils.concepts import ConceptOfInterest
 
     concept = ConceptOfInterest("s", "<s15>", "cat", photos)
     world = World("sd15-random", pipe, ["cat", "dog"], [concept], None, None, None, lambda ims, t: [[] for _ in ims],
@@ -464,10 +464,10 @@ def test_custom_diffusion_composes_two_concepts_by_its_merge(fresh, tmp_path):
     before = dict(pipe.unet.attn_processors)
     m, folders, fits = _two_saved(fresh, "custom_diffusion", CD, tmp_path)
     assert _same_processors(pipe.unet, before)
-    with pytest.raises(ValueError, match="nouns=world.concepts"):
+    with pytest.raises(ValueError, match="nouns=world.nouns"):
         m.compose(pipe, folders)
     assert _same_processors(pipe.unet, before) and "<ca>" not in pipe.tokenizer.get_vocab()
-    handle = m.compose(pipe, folders, nouns=fresh.concepts)
+    handle = m.compose(pipe, folders, nouns=fresh.nouns)
     try:
         assert handle.tokens == ["<ca>", "<cb>"] and all(t in pipe.tokenizer.get_vocab() for t in handle.tokens)
         procs = pipe.unet.attn_processors
@@ -581,13 +581,13 @@ def test_a_complete_block_is_read_from_its_cache_without_the_fitted_models(fresh
     layouts = V.load_layouts(fresh)  # the repository's layout MLP
     monkeypatch.setenv("COMPINV_DATA", str(tmp_path))
     monkeypatch.setattr(fresh, "concepts_of_interest", fresh.concepts_of_interest[:2])
-    monkeypatch.setattr(B.M, "partners", lambda world, c: ["kite"])
+    monkeypatch.setattr(B, "partner_nouns", lambda world, c: ["kite"])
     cfg = CustomDiffusionConfig(steps=1, batch_size=2, class_images=2)
     stats, records = B.run_block(fresh, "custom_diffusion", (0,), config=cfg, layouts=layouts, gen_seeds=1,
                                  pair_seeds=1, progress=False)
     root = B.method_root(fresh, "custom_diffusion")
     assert root == tmp_path / "toy" / "methods" / "custom_diffusion" and root.is_dir()
-    assert {(r["setting"], r["method"]) for r in records} == {(s, m) for s in ("noun", "concept") for m in V.METHODS}
+    assert {(r["setting"], r["method"]) for r in records} == {(s, m) for s in ("noun", "concept") for m in V.TABLE1_METHODS}
     assert all(r["inversion_method"] == "custom_diffusion" for r in records)
     shutil.rmtree(root)  # a clone holds the records, not the fitted models
     again = B.run_block(fresh, "custom_diffusion", (0,), config=cfg, layouts=layouts, gen_seeds=1, pair_seeds=1,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from compinv_utils import evaluation as V
-from compinv_utils import metrics as M
+from compinv_utils import evaluation as V, pairs
+from compinv_utils.pairs import load_or_compute_pair_table, partner_nouns
 from compinv_utils.inversion import save_embedding
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,12 +134,12 @@ def test_the_committed_caches_load_without_recomputation(toy_world, calls, capsy
         d = json.loads(cache.read_text())
         assert d.get("made_from"), f"{cache.name} has no provenance: run scripts/stamp_provenance.py"
         st = d["settings"]
-        methods = tuple(m for m in V.METHODS if any(k.split("|")[1] == m for k in d["groups"]))
+        methods = tuple(m for m in V.TABLE1_METHODS if any(k.split("|")[1] == m for k in d["groups"]))
         seeds = tuple(sorted({int(k.split("|")[3][4:]) for k in d["groups"]}))
         before = cache.read_bytes()
-        V.table1(toy_world, lambda c: M.partners(toy_world, c), S.inversion_folders(toy_world, st), None,
+        V.table1(toy_world, lambda c: partner_nouns(toy_world, c), S.inversion_folders(toy_world, st), None,
                  inv_seeds=seeds, seeds=st["seeds"], pair_seeds=st["pair_seeds"], methods=methods, cache=cache,
-                 progress=False, inversion_method=st.get("inversion_method", "ti"))
+                 progress=False, block=st.get("inversion_method", "ti"))
         assert cache.read_bytes() == before
     assert calls == [] and capsys.readouterr().out == ""
 
@@ -148,23 +148,23 @@ def test_a_pair_table_made_in_another_world_is_computed_again(tmp_path, capsys):
     from test_concurrency import NOUNS, FakeWorld
 
     path = tmp_path / "pair_table.json"
-    M.load_or_compute_pair_table(FakeWorld(), path, NOUNS[:3], seeds=1)
+    load_or_compute_pair_table(FakeWorld(), path, NOUNS[:3], seeds=1)
     assert json.loads(path.read_text())["made_from"]["world"]["name"] == "fake"
     capsys.readouterr()
-    M.load_or_compute_pair_table(FakeWorld(), path, NOUNS[:3], seeds=1)  # the same world: read
+    load_or_compute_pair_table(FakeWorld(), path, NOUNS[:3], seeds=1)  # the same world: read
     assert capsys.readouterr().out == ""
     other = FakeWorld()
     with torch.no_grad():
         other.pipe.unet.weight += 1  # retrained
-    M.load_or_compute_pair_table(other, path, NOUNS[:3], seeds=1)
+    load_or_compute_pair_table(other, path, NOUNS[:3], seeds=1)
     assert "was made in another world" in capsys.readouterr().out
     assert json.loads(path.with_suffix(".old.json").read_text())["made_from"]["world"]["name"] == "fake"
 
 
 def test_the_committed_pair_table_loads_without_recomputation(toy_world, monkeypatch, capsys):
-    monkeypatch.setattr(M, "pair_detection_table", lambda *a, **k: pytest.fail("recomputed the pair table"))
+    monkeypatch.setattr(pairs, "pair_detection_table", lambda *a, **k: pytest.fail("recomputed the pair table"))
     path = REPO / "data" / "toy" / "pair_table.json"
     before = path.read_bytes()
-    table = M.load_or_compute_pair_table(toy_world, path, toy_world.concepts[:toy_world.settings.pair_nouns],
+    table = load_or_compute_pair_table(toy_world, path, toy_world.nouns[:toy_world.settings.pair_nouns],
                                          seeds=toy_world.settings.gen_seeds)
     assert len(table) == 153 and path.read_bytes() == before and capsys.readouterr().out == ""

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 from compinv_utils import load_world
 from compinv_utils.inversion import InversionConfig, invert, unload
-from compinv_utils.sd15_random import NOUNS, load_sd15_random_world
+from compinv_utils.worldbuilding.sd15_random import NOUNS, load_sd15_random_world
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
@@ -66,8 +66,8 @@ def test_sd15_random_world_is_sd15_shaped_with_own_photos(world):
     assert all(p.size == (64, 64) for c in w.concepts_of_interest for p in c.photos)
     s = w.settings
     assert (s.inversion_steps, s.inversion_seeds, s.gen_seeds, s.n_partners, s.max_concepts) == (2, 1, 1, 1, None)
-    assert set(s.partners) <= set(w.concepts) and {"cat", "cup"} <= set(w.concepts) and "random" in s.minutes_per_chapter
-    for noun in w.concepts:  # every noun is one token (a superclass must be, to start an inversion from it)
+    assert set(s.partners) <= set(w.nouns) and {"cat", "cup"} <= set(w.nouns) and "random" in s.minutes_per_chapter
+    for noun in w.nouns:  # every noun is one token (a superclass must be, to start an inversion from it)
         assert len(w.pipe.tokenizer.encode(noun, add_special_tokens=False)) == 1
     assert load_sd15_random_world().concepts_of_interest == []  # no folder, no concepts of interest
 
@@ -129,7 +129,7 @@ def run_chapter(name: str, tmp_path: Path, monkeypatch) -> tuple[object, Path, f
     from nbclient.exceptions import CellExecutionError
 
     data = tmp_path / "data"
-    env = {"COMPINV_WORLD": "sd15-random", "COMPINV_CONCEPTS": str(make_photo_folder(tmp_path / "photos")),
+    env = {"COMPINV_WORLD": "compinv_utils.worldbuilding.sd15_random:load_sd15_random_world", "COMPINV_CONCEPTS": str(make_photo_folder(tmp_path / "photos")),
            "COMPINV_DATA": str(data), "COMPINV_STUDENT": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": "1"}  # tiny models: one thread in the kernel (see one_thread)

@@ -1,8 +1,8 @@
 import numpy as np
 
 from compinv_utils.toy import render
-from compinv_utils.toy.tokenizer import build_tokenizer
-from compinv_utils.toy.train import CaptionTokenizer, captions_for
+from compinv_utils.worldbuilding.tokenizer import build_tokenizer
+from compinv_utils.worldbuilding.train import CaptionTokenizer, captions_for
 
 
 def test_every_caption_word_is_one_token():

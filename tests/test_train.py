@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from compinv_utils.attention import AttentionStore, attention_store
-from compinv_utils.toy import render, train
+from compinv_utils.toy import render
+from compinv_utils.worldbuilding import train
 from compinv_utils.toy.models import LATENT_CHANNELS, make_clip, make_unet
-from compinv_utils.toy.tokenizer import build_tokenizer
+from compinv_utils.worldbuilding.tokenizer import build_tokenizer
 
 N = 32
 CFG = replace(train.PROFILES["smoke"], n_scenes=N, unet_steps=2, unet_batch=4, unet_checkpoint_every=1,

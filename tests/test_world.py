@@ -7,16 +7,17 @@ from PIL import Image
 
 from compinv_utils import load_photos, load_world
 from compinv_utils.toy import render
-from compinv_utils.world import load_sd15_world, sd15_concepts
+from compinv_utils.world import load_sd15_world
+from compinv_utils.concepts import concepts_from_folder
 
 
 def test_toy_world_contents(toy_world):
     w = toy_world
-    assert w.name == "toy" and w.concepts == sorted(render.NOUNS)
+    assert w.name == "toy" and w.nouns == sorted(render.NOUNS)
     assert (w.image_size, w.latent_size) == (32, 8)
     assert len(w.concepts_of_interest) == len(render.CONCEPTS)
     for c in w.concepts_of_interest:
-        assert c.token.startswith("<") and c.superclass in w.concepts and len(c.photos) >= 4
+        assert c.token.startswith("<") and c.superclass in w.nouns and len(c.photos) >= 4
     assert len(w.pipe.tokenizer) == w.pipe.text_encoder.get_input_embeddings().num_embeddings
 
 
@@ -46,7 +47,7 @@ def test_detector_finds_rendered_objects(toy_world):
     assert np.mean([f == t for f, t in zip(found, truths)]) > 0.85
     for d in dets:
         for lab, (x0, y0, x1, y1), score in d:
-            assert lab in toy_world.concepts and 0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1 and 0.5 <= score <= 1
+            assert lab in toy_world.nouns and 0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1 and 0.5 <= score <= 1
 
 
 def test_clip_features_rank_the_right_caption(toy_world):
@@ -86,7 +87,7 @@ def test_photo_folders(tmp_path):
     dog.mkdir(parents=True)
     Image.new("L", (80, 60)).save(dog / "a.png")
     Image.new("RGBA", (60, 60)).save(dog / "b.png")
-    (coi,) = sd15_concepts(tmp_path / "concepts", size=64)
+    (coi,) = concepts_from_folder(tmp_path / "concepts", size=64)
     assert (coi.name, coi.token, coi.superclass) == ("dog6", "<dog6>", "dog")
     assert all(p.size == (64, 64) and p.mode == "RGB" for p in coi.photos)
 

@@ -1,6 +1,6 @@
-"""The measures of the toy world's prerequisites (compinv_utils.toy.evaluate): word-specific attention,
+"""The measures of the toy world's prerequisites (compinv_utils.worldbuilding.quality): word-specific attention,
 a concept's look on the object, FID-style sample quality. Tiny sizes; the figures themselves are
-measured by ``python -m compinv_utils.toy.evaluate``."""
+measured by ``python -m compinv_utils.worldbuilding.quality``."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ import torch
 
 from compinv_utils.inversion import save_embedding, single_token_id
 from compinv_utils.layout import box_to_mask
-from compinv_utils.toy import evaluate as E
+from compinv_utils.worldbuilding import quality as E
 from compinv_utils.toy import render
 
 
@@ -71,7 +71,7 @@ def test_training_pairs_are_deterministic_and_never_held_out(toy_world):
     assert pairs == E.training_pairs(toy_world, 24, seed=0)
     assert len(pairs) == 24 == len({tuple(sorted(p)) for p in pairs})
     assert not any(render.is_held_out(a, b) for a, b in pairs)
-    assert all(a != b and a in toy_world.concepts and b in toy_world.concepts for a, b in pairs)
+    assert all(a != b and a in toy_world.nouns and b in toy_world.nouns for a, b in pairs)
 
 
 # -- the measures on the toy world --------------------------------------------------------------------
@@ -168,7 +168,7 @@ def test_seen_pairs_are_trained_pairs_and_generation_counts_them(fast):
     assert len(set(pairs)) == 16 and pairs == E.seen_pairs(16)
     assert not any(render.is_held_out(a, b) for a, b in pairs)
     res = E.eval_generation(fast, per_noun=1, per_pair=1, n_seen_pairs=3)
-    assert res["n_seen_pair"] == 3 and res["n_pair"] == len(render.HELD_OUT_PAIRS) and res["n_single"] == len(fast.concepts)
+    assert res["n_seen_pair"] == 3 and res["n_pair"] == len(render.HELD_OUT_PAIRS) and res["n_single"] == len(fast.nouns)
     assert res["seen_pair_both_detected"] in (0, 1 / 3, 2 / 3, 1)
 
 

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from ..inversion import TrainExtras, invert_with
+from ..tokens import padded_ids
 from .base import (EMBEDDING_FILE, INFO_FILE, FineTuneConfig, Fitted, Handle, check_finetune_config, check_free,
                    check_info, class_pixels, class_prompt, finish_load, load_tokens, resolve_config, restore, write_info)
 
@@ -175,8 +176,7 @@ def text_features(pipe, prompts: list[str], first_token: str | None = None) -> t
     """The text encoder's output rows (as the UNet's cross-attention reads them) of ``prompts``, from the
     placeholder ``first_token`` (or the first word) up to the end-of-text token, stacked ``(n, d)``."""
     tok = pipe.tokenizer
-    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids
+    ids = padded_ids(tok, prompts)
     with torch.no_grad():
         out = pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].float().cpu()
     start_id = tok.convert_tokens_to_ids(first_token) if first_token else None
@@ -266,7 +266,7 @@ class CustomDiffusion:
             raise FileNotFoundError(f"no Custom Diffusion weights {folder / WEIGHT_NAME}")
         unet = pipe.unet
         original = dict(unet.attn_processors)
-        from ..world import quiet_loading
+        from ..runtime import quiet_loading
 
         read_weights(unet, folder / WEIGHT_NAME)  # a truncated file or one of another model: an error naming it
         with quiet_loading():  # the loader casts the UNet to its own dtype, and diffusers warns about any cast
@@ -283,7 +283,7 @@ class CustomDiffusion:
         token into the text encoder, and in each cross-attention layer one key and one value projection that
         reproduce each concept's fine-tuned projection on that concept's captions (the training templates
         with its token and class) and change the original least on :func:`regularisation_prompts` captions of
-        ``nouns`` (the world's nouns, ``world.concepts``; needed for two or more folders). One folder loads as
+        ``nouns`` (the world's nouns, ``world.nouns``; needed for two or more folders). One folder loads as
         :meth:`load` does."""
         from ..inversion import TEMPLATES
 
@@ -292,7 +292,7 @@ class CustomDiffusion:
             return self.load(pipe, folders[0])
         if nouns is None:
             raise ValueError("compose needs the world's nouns for the merge's regularisation captions: "
-                             "compose(pipe, folders, nouns=world.concepts)")
+                             "compose(pipe, folders, nouns=world.nouns)")
         states, infos = [], []
         for folder in folders:
             check_info(folder, self.name)

@@ -119,7 +119,7 @@ class DreamBooth:
         ``pipe.unet``, and the token through ``pipe.load_textual_inversion``."""
         from diffusers import UNet2DConditionModel
 
-        from ..world import quiet_loading
+        from ..runtime import quiet_loading
 
         folder = Path(folder)
         check_info(folder, self.name)

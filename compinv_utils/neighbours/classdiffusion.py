@@ -42,7 +42,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from ..inversion import placeholder_tokens
+from ..tokens import padded_ids, placeholder_tokens, require_placeholder
 
 FEATURES = ("eot", "argmax")
 OFFICIAL_TEMPLATE = "a photo of a {}"  # the official script's prompt pair: "a photo of a S* c" and "a photo of a c"
@@ -111,14 +111,10 @@ class SemanticPreservationLoss:
         if n_vectors in self._ids:
             return self._ids[n_vectors]
         tok = self.pipe.tokenizer
-        missing = [w for w in placeholder_tokens(self.token, n_vectors) if w not in tok.get_vocab()]
-        if missing:
-            raise ValueError(f"placeholder token(s) {missing} are not in the tokenizer: use this loss inside invert() "
-                             "(or add the placeholder first)")
-        kw = dict(padding="max_length", max_length=tok.model_max_length, truncation=True)
+        require_placeholder(tok, self.token, n_vectors)
         out = []
         for p in self.prompts(n_vectors):
-            ids = tok(p, **kw).input_ids
+            ids = padded_ids(tok, p)[0].tolist()
             out.append((torch.tensor(ids), feature_position(ids, tok.eos_token_id, self.feature)))
         self._ids[n_vectors] = out
         return out

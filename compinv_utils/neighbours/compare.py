@@ -27,13 +27,15 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import metrics as M
 from ..anchors import AnchorLoss
 from ..evaluation import inversion_file, load_layouts, table1
 from ..files import write_text
 from ..guidance import GuidanceConfig, guided_generate
 from ..inversion import InversionConfig, invert, invert_or_load, load_embedding, unload
+from ..measures import found
+from ..pairs import partner_nouns
 from ..progress import bar
+from ..prompts import article, pair_prompt
 from .attend_excite import AttendExcite
 from .classdiffusion import SemanticPreservationLoss
 from .core import CoReLoss
@@ -99,7 +101,7 @@ def semantic_table(world, name: str, inv_seeds: Sequence[int] = (0,), recompute:
             invert_neighbour(world, c, name, s, recompute=recompute)
             unload(world.pipe, c.token)
     seeds = world.settings.gen_seeds
-    return table1(world, lambda c: M.partners(world, c), {"semantic": inversion_root(world, name)}, load_layouts(world),
+    return table1(world, lambda c: partner_nouns(world, c), {"semantic": inversion_root(world, name)}, load_layouts(world),
                   inv_seeds=tuple(inv_seeds), seeds=seeds, pair_seeds=seeds, methods=("+semantic",),
                   cache=root(world) / f"table1_{name}.json", progress=progress)
 
@@ -107,7 +109,7 @@ def semantic_table(world, name: str, inv_seeds: Sequence[int] = (0,), recompute:
 def spatial_table(world, name: str, inv_seeds: Sequence[int] = (0,), progress: bool = False) -> list[dict]:
     """Table 1's ``+spatial`` records with guidance ``name`` on plain TI's inversions (chapter 01's)."""
     seeds = world.settings.gen_seeds
-    return table1(world, lambda c: M.partners(world, c), {"plain": plain_root(world)},
+    return table1(world, lambda c: partner_nouns(world, c), {"plain": plain_root(world)},
                   load_layouts(world), inv_seeds=tuple(inv_seeds), seeds=seeds, pair_seeds=seeds,
                   methods=("+spatial",), guidance=make_guidance(name), cache=root(world) / f"table1_{name}.json",
                   progress=progress)
@@ -132,7 +134,7 @@ def row_images(world, label: str, concept, inv_seed: int = 0, seeds: int = 1) ->
         unload(world.pipe, concept.token)
     guidance = make_guidance(name) if method == "+spatial" else GuidanceConfig()
     images: list = []
-    records = evaluate_group(world, "noun", method, [concept], M.partners(world, concept), seeds, inversions, inv_seed,
+    records = evaluate_group(world, "noun", method, [concept], partner_nouns(world, concept), seeds, inversions, inv_seed,
                              load_layouts(world), guidance=guidance, images_out=images)
     return images, records
 
@@ -140,17 +142,17 @@ def row_images(world, label: str, concept, inv_seed: int = 0, seeds: int = 1) ->
 def dreambench_rows(world, models, labels: Sequence[str] = tuple(ROWS), inv_seed: int = 0, seeds: int = 1) -> dict:
     """DreamBench's DINO, CLIP-I and CLIP-T (:mod:`compinv_utils.dreambench`) of each row, per concept with its
     partners: ``{label: {"dino", "clip_i", "clip_t"}}``, each the mean over the concepts' means."""
-    from .. import dreambench as DB
+    from ..dreambench import clip_i_score, clip_t_score, dino_score
 
     out = {}
     for label in labels:
         per = []
         for c in world.concepts_of_interest:
             images, records = row_images(world, label, c, inv_seed, seeds)
-            texts = [M.pair_prompt(*r["objects"]) for r in records]
-            per.append([float(DB.dino_score(models, images, c.photos).mean()),
-                        float(DB.clip_i_score(models, images, c.photos).mean()),
-                        float(DB.clip_t_score(models, images, texts).mean())])
+            texts = [pair_prompt(*r["objects"]) for r in records]
+            per.append([float(dino_score(models, images, c.photos).mean()),
+                        float(clip_i_score(models, images, c.photos).mean()),
+                        float(clip_t_score(models, images, texts).mean())])
         out[label] = dict(zip(("dino", "clip_i", "clip_t"), np.mean(per, 0).tolist()))
     return out
 
@@ -161,7 +163,7 @@ def table_records(world, inv_seed: int = 0) -> list[dict]:
     theirs (:func:`semantic_table`, :func:`spatial_table`; made where missing). Same prompts and seeds in every row."""
     seeds, data = world.settings.gen_seeds, Path(world.data_dir)
     kw = dict(inv_seeds=tuple(range(world.settings.inversion_seeds)), seeds=seeds, pair_seeds=seeds, progress=False)
-    layouts, partners = load_layouts(world), (lambda c: M.partners(world, c))
+    layouts, partners = load_layouts(world), (lambda c: partner_nouns(world, c))
     base = table1(world, partners, {"plain": plain_root(world)}, layouts, methods=("TI", "+spatial"),
                   cache=data / "evaluation" / "table1_plain.json", **kw)
     base += table1(world, partners, {"semantic": inversion_root(world, "anchors")}, layouts, methods=("+semantic", "+both"),
@@ -177,7 +179,7 @@ def table_records(world, inv_seed: int = 0) -> list[dict]:
 
 
 def _multi_prompt(concept, partners: Sequence[str]) -> str:
-    objects = [f"a {concept.token} {concept.superclass}"] + [M.article(x) for x in partners]
+    objects = [f"a {concept.token} {concept.superclass}"] + [article(x) for x in partners]
     return objects[0] + " and " + objects[1] if len(objects) == 2 else ", ".join(objects[:-1]) + " and " + objects[-1]
 
 
@@ -198,7 +200,7 @@ def multi_object(world, method: str, inv_seed: int = 0, counts: Sequence[int] = 
             invert_neighbour(world, c, method, inv_seed)
         else:
             load_embedding(world.pipe, inversion_file(plain_root(world), c.name, inv_seed))
-        partners = M.partners(world, c)[:MULTI_PARTNERS]
+        partners = partner_nouns(world, c)[:MULTI_PARTNERS]
         for k in counts:
             if boxed and k != 2:
                 continue
@@ -214,7 +216,7 @@ def multi_object(world, method: str, inv_seed: int = 0, counts: Sequence[int] = 
             for s, d in enumerate(world.detect(images)):
                 objects = [c.superclass] + list(objs)
                 records.append({"method": method, "concept": c.name, "objects": objects, "n_objects": k, "seed": s,
-                                "prompt": prompt, "found": [float(M.found(d, o)) for o in objects]})
+                                "prompt": prompt, "found": [float(found(d, o)) for o in objects]})
         unload(world.pipe, c.token)
     write_text(cache, json.dumps({"method": method, "inv_seed": inv_seed, "seeds": seeds, "records": records}, indent=1))
     return records
@@ -256,10 +258,10 @@ def measure_cost(world, name: str, steps: int = 10, images: int = 4) -> dict:
         per, unit = (time.perf_counter() - t0) / steps, "s per inversion step"
     else:
         load_embedding(world.pipe, inversion_file(plain_root(world), c.name, 0))
-        partner = M.partners(world, c)[0]
+        partner = partner_nouns(world, c)[0]
         words = [c.token, partner]
         boxes = list(load_layouts(world).boxes(world.pipe, *words))
-        prompt = f"a {c.token} {c.superclass} and {M.article(partner)}"
+        prompt = f"a {c.token} {c.superclass} and {article(partner)}"
         t0 = time.perf_counter()
         if name == "plain":
             world.generate([prompt] * images, seed=0)

@@ -65,7 +65,9 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import AttentionStore, attention_store
-from ..inversion import placeholder_tokens, prepare_photos
+from ..inversion import prepare_photos
+from ..maths import TINY
+from ..tokens import padded_ids, require_placeholder
 
 SCENE_PROMPTS = ("a {} on grass", "a {} in the snow", "a {} on water", "a {} in the sky", "a {} in a room")
 COSINES = ("token", "channel")
@@ -211,14 +213,9 @@ class CoReLoss:
         if key in self._ids:
             return self._ids[key]
         tok = self.pipe.tokenizer
-        words = placeholder_tokens(self.token, n_vectors)
-        missing = [w for w in words if w not in tok.get_vocab()]
-        if missing:
-            raise ValueError(f"placeholder token(s) {missing} are not in the tokenizer: use this loss inside invert() "
-                             "(or add the placeholder first)")
-        kw = dict(padding="max_length", max_length=tok.model_max_length, truncation=True)
-        obj = tok(prompt.format(" ".join(words)), **kw).input_ids
-        ref = tok(prompt.format(self.superclass), **kw).input_ids
+        words = require_placeholder(tok, self.token, n_vectors)
+        obj = padded_ids(tok, prompt.format(" ".join(words)))[0].tolist()
+        ref = padded_ids(tok, prompt.format(self.superclass))[0].tolist()
         word_ids = tok.convert_tokens_to_ids(words)
         cls_ids = tok(self.superclass, add_special_tokens=False).input_ids
         eos = tok.eos_token_id
@@ -273,12 +270,12 @@ class CoReLoss:
                 table = self.pipe.text_encoder.get_input_embeddings().weight
                 base = table[:self.pipe.tokenizer.vocab_size].detach().float()
                 target = float(base.norm(dim=-1).mean())
-                rows.mul_((target / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)).to(rows.dtype))
+                rows.mul_((target / rows.norm(dim=-1, keepdim=True).clamp_min(TINY)).to(rows.dtype))
                 return
             if step == start or self._scale is None:  # a resume without state records the norm where it starts
                 self._scale = float(rows.detach().float().norm())
                 return
-            rows.mul_(self._scale / float(rows.detach().float().norm().clamp_min(1e-12)))
+            rows.mul_(self._scale / float(rows.detach().float().norm().clamp_min(TINY)))
 
     # -- the loss ----------------------------------------------------------------------------------
 

@@ -364,7 +364,7 @@ class CaptionPolicy:
     p_colour2: float = 0.5
 
 
-FULL = CaptionPolicy(1.0, 1.0, 1.0, 0.0)  # every attribute the first edition's captions could name
+FULL = CaptionPolicy(1.0, 1.0, 1.0, 0.0)  # colour, pattern and background always named; never the second colour
 NOUNS_ONLY = CaptionPolicy(0.0, 0.0, 0.0, 0.0)
 
 

@@ -23,12 +23,16 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from .toy import render
-from .toy.models import SCHEDULER_CONFIG
-from .toy.tokenizer import build_tokenizer
+from ..concepts import concepts_from_folder
+from ..detection import toy_detector
+from ..paths import REPO_ROOT
+from ..runtime import pick_device, quiet_loading
+from ..toy import render
+from ..toy.models import SCHEDULER_CONFIG
+from .tokenizer import build_tokenizer
 
 if TYPE_CHECKING:
-    from .world import World
+    from ..world import World
 
 NAME = "sd15-random"
 # The vocabulary: toy nouns (single tokens of the tokenizer, labels of the toy detector). The partners are the
@@ -86,13 +90,13 @@ def _toy_parts_dir() -> Path:
     """The toy world's weights (for its CLIP and detector): ``world.TOY_DIR`` (``$COMPINV_TOY_DIR``, else
     ``data/toy`` under ``$COMPINV_DATA``), else the repository's ``data/toy`` — so ``COMPINV_DATA`` may point
     at an empty folder for this world's caches."""
-    from . import world as W
+    from ..world import TOY_DIR
 
-    for root in dict.fromkeys((Path(W.TOY_DIR), W.REPO_ROOT / "data" / "toy")):
+    for root in dict.fromkeys((Path(TOY_DIR), REPO_ROOT / "data" / "toy")):
         if (root / "clip" / "config.json").exists() and (root / "detector" / "config.json").exists():
             return root
     raise FileNotFoundError(f"the {NAME} world measures with the toy world's CLIP and detector, which are missing from "
-                            f"{W.TOY_DIR} (and {W.REPO_ROOT / 'data' / 'toy'}); set COMPINV_TOY_DIR to a folder "
+                            f"{TOY_DIR} (and {REPO_ROOT / 'data' / 'toy'}); set COMPINV_TOY_DIR to a folder "
                             "holding clip/ and detector/ (the repository's data/toy), or rebuild them with "
                             "`make toy-world`")
 
@@ -110,7 +114,7 @@ def _resized_detector(detect, size: int):
 def settings():
     """A chapter's budgets in this world: tiny (2 inversion steps, one seed of everything, one partner), so that a
     chapter runs in about a minute on a 2-core CPU."""
-    from .world import WorldSettings
+    from ..world import WorldSettings
 
     return WorldSettings(lam=0.95, partners=PARTNERS, n_partners=1, detect_threshold=0.5, inversion_steps=2,
                          inversion_seeds=1, gen_seeds=1, pair_nouns=None, max_concepts=None,
@@ -127,22 +131,22 @@ def load_sd15_random_world(concepts_dir: str | Path | None = None, device: str |
 
     It proves the sd15 code path offline; a finding measured on random weights means nothing.
     """
-    from . import world as W
+    from ..world import World, toy_measures
 
     if isinstance(latent_size, bool) or not isinstance(latent_size, int) or latent_size < 1:
         raise ValueError(f"latent_size must be an integer >= 1 (images are 8x it), got {latent_size!r}")
     if not width > 0:
         raise ValueError(f"width must be > 0 (1.0 is SD 1.5's channel counts), got {width!r}")
-    dev, dtype = W._device(device, "cpu")
+    dev, dtype = pick_device(device, "cpu")
     root = _toy_parts_dir()
     # building and loading the models leaves the caller's random state alone; quiet_loading also silences
     # diffusers' note on casting a model built in fp32 with .to()
-    with torch.random.fork_rng(devices=[]), W.quiet_loading():
+    with torch.random.fork_rng(devices=[]), quiet_loading():
         pipe = sd15_pipeline(width, seed, sample_size=latent_size)
         pipe = pipe.to(dev) if dtype == torch.float32 else pipe.to(dev, dtype)
-        clip, clip_tokenizer, clip_processor, det = W.toy_measures(root, dev, dtype)
+        clip, clip_tokenizer, clip_processor, det = toy_measures(root, dev, dtype)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    coi = W.sd15_concepts(concepts_dir, size=size) if concepts_dir else []
+    coi = concepts_from_folder(concepts_dir, size=size) if concepts_dir else []
     nouns = list(NOUNS)
     for c in coi:
         if c.superclass not in render.NOUNS:
@@ -152,7 +156,16 @@ def load_sd15_random_world(concepts_dir: str | Path | None = None, device: str |
                              f'(e.g. {{"{c.name}": "cup"}}) or in the folder\'s name')
         if c.superclass not in nouns:  # a superclass is always one of the world's nouns
             nouns.append(c.superclass)
-    return W.World(NAME, pipe, nouns, coi, clip, clip_tokenizer, clip_processor,
-                   _resized_detector(W._toy_detector(det, dev), det.image_size), dev, dtype,
+    return World(NAME, pipe, nouns, coi, clip, clip_tokenizer, clip_processor,
+                   _resized_detector(toy_detector(det, dev), det.image_size), dev, dtype,
                    guidance_scale=7.5, num_inference_steps=4,
                    extras={"root": root, "detector_model": det, "width": width, "seed": seed}, settings=settings())
+
+
+def _register() -> None:
+    from ..world import register_world
+
+    register_world(NAME, load_sd15_random_world)
+
+
+_register()  # after `import compinv_utils.worldbuilding.sd15_random`, load_world("sd15-random") finds it

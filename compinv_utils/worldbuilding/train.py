@@ -1,55 +1,27 @@
 """Rebuild every weight of the toy world from scratch.
 
-    python -m compinv_utils.toy.train --out data/toy            # the committed world
-    python -m compinv_utils.toy.train --out /tmp/w --profile smoke   # a 1-minute check of the code path
-    python -m compinv_utils.toy.train --out /tmp/w --profile cpu-full  # the whole world on a 2-core CPU
-    python -m compinv_utils.toy.train --out /tmp/w --profile cpu-full --stages vae,unet --from data/toy
-                                                                # new VAE and UNet, CLIP and detector kept
-    python -m compinv_utils.toy.train --out /tmp/w --profile gpu       # the whole world on one GPU
-    python -m compinv_utils.toy.train --profile gpu-short --data-only  # render and cache a data set, train nothing
+    python -m compinv_utils.worldbuilding.train --out data/toy                   # the committed world
+    python -m compinv_utils.worldbuilding.train --out /tmp/w --profile smoke     # a quick check of the code path
+    python -m compinv_utils.worldbuilding.train --out /tmp/w --profile cpu-full  # the whole world on a 2-core CPU
+    python -m compinv_utils.worldbuilding.train --out /tmp/w --profile cpu-full --stages vae,unet --from data/toy
+    python -m compinv_utils.worldbuilding.train --out /tmp/w --profile gpu       # the whole world on one GPU
+    python -m compinv_utils.worldbuilding.train --profile gpu-short --data-only  # render and cache a data set only
 
-Stages: tokenizer, rendered data set, VAE, CLIP (saved), detector (saved), UNet (its EMA saved
-every ``unet_checkpoint_every`` steps while it trains), and the assembled ``StableDiffusionPipeline``. Every
-random choice is seeded, so a rerun on the same device and library versions rebuilds the same weights.
-Stages left out of ``--stages`` are loaded from ``--from`` (default ``--out``).
+Stages: tokenizer, rendered data set, VAE, CLIP, detector, UNet (its EMA saved every ``unet_checkpoint_every``
+steps) and the assembled ``StableDiffusionPipeline``; stages left out of ``--stages`` are loaded from ``--from``
+(default ``--out``). Every random choice is seeded, so a rerun on the same device and library versions rebuilds
+the same weights.
 
-The data set is rendered once into arrays — images, boxes, per-object masks on the 8x8 latent grid, and
-``captions_per_scene`` captions per scene already tokenised, with the object each noun token names — and
-cached in ``--cache-dir`` under a key of the configuration, so a resumed or later run does not render
-again. Latents are encoded once after the VAE stage. The UNet stage draws batches with torch indices into
-these tensors only, so it is bound by the model; it saves its full state (weights, EMA, optimiser,
-generator) with each checkpoint, and ``--stages unet --resume`` continues from the last one after an
-interruption. ``ground_weight`` / ``ground_pixel_weight`` (profiles ``cpu-full`` and ``gpu``; overridden with
-``--ground-weight`` / ``--ground-pixel-weight``, 0 turns them off) add a token-level grounding loss on noun
-tokens' cross-attention (TokenCompose, Wang et al., CVPR 2024). Scenes in which an object has the look of
-a concept of interest are redrawn, so no concept is ever seen in training. ``--unet-object-weight`` weights the
-latent cells that objects cover in the UNet's noise loss (:func:`noise_loss`; 0, plain MSE, in every profile).
-``--unet-minutes`` gives the UNet stage a wall-clock budget (the learning-rate schedule follows steps or time,
-whichever is further along; the log records the step it stopped at), ``--caption-policy`` how often the
-training captions name each attribute, ``--ground-resolutions`` which cross-attention maps are grounded.
+The data set is rendered once into arrays (images, boxes, per-object masks on the latent grid, captions already
+tokenised with the object each noun token names) and cached in ``--cache-dir`` under a key of the configuration.
+The UNet stage checkpoints its whole state, and ``--stages unet --resume`` continues after an interruption.
+``ground_weight`` / ``ground_pixel_weight`` add a token-level grounding loss on the noun tokens' cross-attention
+(TokenCompose, Wang et al., CVPR 2024). Scenes in which an object has the look of a concept of interest are
+redrawn, so no concept is ever seen in training. The VAE's loss weights object pixels and adds an L1 term on image
+gradients (:func:`vae_loss`) so that a two-colour pattern survives the latent grid.
 
-The VAE has 16 latent channels (SD 1.5: 4; SD 3: 16) and a reconstruction loss that weights object pixels
-and adds an L1 term on image gradients (:func:`vae_loss`): with 4 or 8 channels and a plain squared error, a
-two-colour pattern on a 4x4-pixel latent cell came back as its mean colour, so no inversion could carry a
-concept's look through the decoder. The renderer draws patterns with a period of about 6 pixels, above the
-latent cell, for the same reason. ``--latent-size 16`` gives the VAE two blocks instead of three, so the latent
-grid has 16x16 cells of 2x2 pixels and a pattern spans about three cells; the UNet, the object masks and the
-grounding maps follow the grid (``--latent-channels`` sets the VAE's channels; SD 1.5 has 4).
-
-Profiles (the times are estimates from measured per-step costs, not measurements of the runs; the
-training log records the real ones):
-
-- ``cpu-full`` — a 2-core CPU: render 30,000 scenes (~2 min, then ~2 min tokenising), VAE 1,800 steps of
-  batch 64 at ~0.94 s (~28 min), CLIP 1,200 steps of batch 128, detector 1,500 steps of batch 64, UNet
-  6,500 steps of batch 32 with the grounding loss at ~0.62 s (~67 min; 4,021 s measured). With
-  ``--stages vae,unet --from data/toy`` the CLIP and detector trained on a GPU are kept (~100 min in all).
-- ``gpu`` — one recent GPU (an H200-class card): 100,000 scenes, the ``full`` VAE/CLIP/detector stages,
-  UNet 30,000 steps of batch 256 with the grounding loss; not yet run on a GPU.
-- ``gpu-short`` — the UNet alone in one call of a lent GPU (``make toy-world-gpu``): 100,000 scenes rendered
-  with ``--data-only`` first (75 s on 16 cores of an H200 machine), then batches of 1,024 under ``--unet-minutes``
-  (about 6,000 samples/s per UNet with two trained side by side on one H200; ``data/toy/logs/gpu_unet_runs.json``).
-- ``full`` — the first edition's stage sizes (its UNet stage was cut short; see ``data/toy/training_log.json``);
-  ``cpu-unet`` continues a UNet on a CPU; ``smoke`` checks the code path.
+Why each design choice was made, the profiles' sizes and the runs' times are on the site's page about the world
+(``docs/world.md``); the runs themselves are logged in ``data/toy/training_log.json``.
 """
 
 from __future__ import annotations
@@ -73,8 +45,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..files import atomic_path, torch_load, torch_save, write_text
-from . import render
-from .models import (IMAGE_SIZE, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZES, UNET_WIDTHS, ToyDetector,
+from ..toy import render
+from ..toy.models import (IMAGE_SIZE, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZES, UNET_WIDTHS, ToyDetector,
                      check_latent_size, check_unet_widths, make_clip, make_sample_scheduler, make_train_scheduler,
                      make_unet, make_vae, vae_latent_size)
 from .tokenizer import build_tokenizer
@@ -100,9 +72,8 @@ class TrainConfig:
     # so a phrase without a pattern word means a plain object, which the generator's captions cannot teach
     clip_caption_policy: render.CaptionPolicy | None = None
     # add to every batch, per caption, the same caption with one object's pattern changed (swapped, left out or
-    # added: a hard negative). Without them, telling the captions of a batch apart never needs the pattern, and the
-    # committed CLIP picks a rendering's pattern caption among four for 0.39 of objects. Needs captions that always
-    # name the pattern (clip_caption_policy=render.FULL)
+    # added: a hard negative). Without them, telling the captions of a batch apart never needs the pattern
+    # (docs/world.md has the measurement). Needs captions that always name the pattern (clip_caption_policy=render.FULL)
     clip_pattern_negatives: bool = False
     unet_steps: int = 9_000  # UNet denoising steps
     unet_batch: int = 256
@@ -124,7 +95,7 @@ class TrainConfig:
     # see grounded_maps)
     ground_resolutions: tuple[int, ...] | None = None
     unet_object_weight: float = 0.0  # extra weight of object cells in the UNet's noise loss (0: plain MSE)
-    latent_channels: int = LATENT_CHANNELS  # the VAE's latent channels (the first edition had SD 1.5's 4)
+    latent_channels: int = LATENT_CHANNELS  # the VAE's latent channels (SD 1.5 has 4)
     # the latent grid (models.LATENT_SIZES): 8x8 cells of 4x4 pixels (committed) or 16x16 of 2x2, where a pattern
     # with a period of ~6 pixels spans three cells instead of one and a half; object masks are stored at this size
     latent_size: int = LATENT_SIZE
@@ -135,7 +106,7 @@ class TrainConfig:
     # second colour); every committed world was trained on the default
     caption_policy: render.CaptionPolicy = render.CaptionPolicy()
     # the detector is a measuring instrument, not part of the generator: its data set includes the held-out noun
-    # pairs (trained without them, it found both nouns in only 0.67 of rendered held-out pairs, 1.00 of others)
+    # pairs, so that it finds them as well as the others (docs/world.md)
     detector_sees_held_out: bool = True
 
     def grounded_maps(self) -> tuple[int, ...]:
@@ -148,17 +119,17 @@ PROFILES = {
     # Continue the UNet stage on a CPU from a checkpoint (--stages unet --init-unet DIR).
     "cpu-unet": TrainConfig(n_scenes=30_000, unet_steps=1_800, unet_batch=64, unet_lr=2e-4, unet_warmup=50,
                             ema_decay=0.998, unet_checkpoint_every=200),
-    # A whole world on a 2-core CPU in under 2 hours (see the module docstring for the estimate).
+    # A whole world on a 2-core CPU (sizes and times: docs/world.md).
     "cpu-full": TrainConfig(n_scenes=30_000, vae_steps=1_800, vae_batch=64, clip_steps=1_200, clip_batch=128,
                             unet_steps=6_500, unet_batch=32, unet_lr=2e-4, unet_warmup=300, ema_decay=0.999,
                             unet_checkpoint_every=500, det_steps=1_500, det_batch=64, ground_weight=0.1,
                             ground_pixel_weight=0.025),
-    # A whole world on one GPU: more scenes and three times the UNet steps of "full" (see the module docstring).
+    # A whole world on one GPU: more scenes and three times the UNet steps of "full".
     "gpu": TrainConfig(n_scenes=100_000, unet_steps=30_000, unet_warmup=1_000, ema_decay=0.9995,
                        unet_checkpoint_every=2_000, ground_weight=0.2, ground_pixel_weight=0.05),
-    # One call of a lent GPU of under 10 minutes: 100,000 scenes rendered on its CPU cores (~1 min), the UNet
-    # alone (VAE, CLIP and detector loaded with --from) in batches of 1,024 under --unet-minutes; the step count
-    # is the expected one, so the warm-up is in real steps and the cosine follows time if the GPU is slower.
+    # The UNet alone (VAE, CLIP and detector loaded with --from) in one short GPU call, in batches of 1,024 under
+    # --unet-minutes; the step count is the expected one, so the warm-up is in real steps and the cosine follows
+    # time if the GPU is slower.
     "gpu-short": TrainConfig(n_scenes=100_000, unet_steps=5_000, unet_batch=1_024, unet_lr=4e-4, unet_warmup=250,
                              ema_decay=0.999, unet_checkpoint_every=1_000, ground_weight=0.1, ground_pixel_weight=0.025),
     "smoke": TrainConfig(n_scenes=512, vae_steps=4, vae_batch=16, clip_steps=4, clip_batch=16, unet_steps=4,
@@ -338,6 +309,17 @@ def _optimiser(params, lr: float, total: int, warmup: int):
 # ---------------------------------------------------------------------------------------------
 
 
+def _train_step(opt, sched, loss: torch.Tensor, bar, step: int, shown: torch.Tensor | None = None,
+              name: str = "loss", digits: int = 3) -> None:
+    """One optimiser step and one step of its learning-rate schedule; every 50 steps the bar shows ``shown``
+    (default: the loss) as ``name``."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    if step % 50 == 0:
+        bar.set_postfix({name: f"{(loss if shown is None else shown).item():.{digits}f}"})
+
 def vae_loss(rec: torch.Tensor, x: torch.Tensor, objects: torch.Tensor | None = None, object_weight: float = 0.0,
              edge_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE's reconstruction loss on images in [-1, 1]: squared plus half absolute error, object pixels
@@ -383,12 +365,7 @@ def train_vae(data, cfg: TrainConfig, device, log):
         rec_loss, mse = vae_loss(rec, x, object_pixels(data["masks"][idx]).to(device), cfg.vae_object_weight,
                                  cfg.vae_edge_weight)
         loss = rec_loss + 1e-6 * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 50 == 0:
-            bar.set_postfix(mse=f"{mse.item():.4f}")
+        _train_step(opt, sched, loss, bar, step, shown=mse, name="mse", digits=4)
     log["vae_final_mse"] = mse.item()
     vae.eval()
     lats = encode_dataset(vae, data, device, recon=False)
@@ -487,12 +464,7 @@ def train_clip(data, tokenizer, cfg: TrainConfig, device, log, init: Path | None
             # images against every text (the negatives match none); texts against images, positives only
             loss = (F.cross_entropy(out.logits_per_image.float(), target)
                     + F.cross_entropy(out.logits_per_text[:len(idx)].float(), target)) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        _train_step(opt, sched, loss, bar, step)
     log["clip_final_loss"] = loss.item()
     if cfg.clip_pattern_negatives:
         log["clip_pattern_negatives_per_batch"] = round(n_negatives / max(cfg.clip_steps, 1), 1)
@@ -726,12 +698,7 @@ def train_detector(data, cfg: TrainConfig, device, log):
         logits, pred = det(x)
         box_loss = ((pred - target).abs().sum(-1) * present).sum() / present.sum().clamp(min=1)
         loss = F.binary_cross_entropy_with_logits(logits, present) + 5 * box_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        _train_step(opt, sched, loss, bar, step)
     log["detector_final_loss"] = loss.item()
     return det.eval()
 

@@ -1,6 +1,6 @@
 """Measure the toy world against its quality bars and write the figures to a JSON file.
 
-    python -m compinv_utils.toy.evaluate --out data/toy/quality.json
+    python -m compinv_utils.worldbuilding.quality --out data/toy/quality.json
 
 Held-out material only: rendered scenes with seeds from 10,000,000 on (training used 0..n-1) and
 noun pairs that never appear together in training (``render.HELD_OUT_PAIRS``).
@@ -12,7 +12,7 @@ the toy CLIP, the text encoder and the generator tell pattern words apart; ``cli
 and an FID-style sample quality on toy CLIP features (``quality``). ``--skip`` leaves parts out and ``--only``
 measures the parts it names; either merges what it measures into the existing file, e.g.:
 
-    python -m compinv_utils.toy.evaluate --only detector generation
+    python -m compinv_utils.worldbuilding.quality --only detector generation
 """
 
 from __future__ import annotations
@@ -35,12 +35,16 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..detection import best_box, crop
 from ..files import write_text
 from ..guidance import GuidanceConfig, guided_generate
 from ..layout import box_iou, box_to_mask
-from ..metrics import found, image_alignment, object_alignment, pair_prompt
-from ..world import best_box, crop, shown_path
-from . import render
+from ..maths import ratio
+from ..measures import found, image_alignment, object_alignment
+from ..paths import shown_path
+from ..prompts import pair_prompt
+from ..tokens import padded_ids
+from ..toy import render
 
 EVAL_SEED = 10_000_000
 
@@ -117,8 +121,8 @@ def eval_detector(world, n: int = 500, per_pair: int = 8) -> dict:
     dets = world.detect(images, threshold=0.05)
     # generated images are decoded by the VAE: the detector must read its round trips as well as renderings
     decoded = world.detect(vae_roundtrip(world, images), threshold=0.05)
-    res = detection_map(dets, truths, world.concepts) | {
-        "mAP_vae_roundtrip": detection_map(decoded, truths, world.concepts)["mAP"], "n_scenes": n}
+    res = detection_map(dets, truths, world.nouns) | {
+        "mAP_vae_roundtrip": detection_map(decoded, truths, world.nouns)["mAP"], "n_scenes": n}
     return res | ({"pairs_both_found": detector_on_pairs(world, per_pair)} if per_pair > 0 else {})
 
 
@@ -155,7 +159,7 @@ def eval_generation(world, per_noun: int = 8, per_pair: int = 4, seed: int = 0, 
     held-out pairs, ``n_seen_pairs`` pairs the training data contains, in the same prompt form (generated after
     the others, from their own seeds, so the first two numbers do not depend on them)."""
     prompts, wants = [], []
-    for noun in world.concepts:
+    for noun in world.nouns:
         prompts += [f"a photo of {render.article(noun)}"] * per_noun
         wants += [(noun,)] * per_noun
     for a, b in render.HELD_OUT_PAIRS:
@@ -238,7 +242,7 @@ def training_pairs(world, n: int, seed: int = 0) -> list[tuple[str, str]]:
     without replacement (with replacement only when more are asked for than exist), each in a random
     order; deterministic in ``seed``."""
     held = {tuple(sorted(p)) for p in world.held_out_pairs}
-    pairs = [p for p in itertools.combinations(world.concepts, 2) if tuple(sorted(p)) not in held]
+    pairs = [p for p in itertools.combinations(world.nouns, 2) if tuple(sorted(p)) not in held]
     rng = np.random.default_rng(seed)
     idx = sorted(rng.choice(len(pairs), n, replace=n > len(pairs)))
     return [pairs[i] if rng.random() < 0.5 else pairs[i][::-1] for i in idx]
@@ -246,7 +250,7 @@ def training_pairs(world, n: int, seed: int = 0) -> list[tuple[str, str]]:
 
 def box_share(attn: torch.Tensor, mask: torch.Tensor) -> float:
     """Fraction of a word's attention mass ``attn`` ``(h, w)`` inside a 0/1 box ``mask`` ``(h, w)``."""
-    return float((attn * mask).sum() / attn.sum().clamp(min=1e-12))
+    return float(ratio((attn * mask).sum(), attn.sum()))
 
 
 def map_iou(attn: torch.Tensor, mask: torch.Tensor, threshold: float = 0.4) -> float:
@@ -260,7 +264,7 @@ def centred_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """Cosine similarity of two maps after subtracting each one's mean (Pearson correlation); in [-1, 1]."""
     a, b = a.flatten().double(), b.flatten().double()
     a, b = a - a.mean(), b - b.mean()
-    return float((a @ b) / (a.norm() * b.norm()).clamp(min=1e-12))
+    return float(ratio(a @ b, a.norm() * b.norm()))
 
 
 def eval_attention_localisation(world, n_pairs: int = 24, seed: int = 0, threshold: float = 0.4,
@@ -319,7 +323,7 @@ def eval_attention_on_renderings(world, n_pairs: int = 32, timesteps: Sequence[i
     mask. Unlike :func:`eval_attention_localisation` it needs no detected object, so it also measures a UNet
     that cannot yet draw the pair (the grounding ablation)."""
     from ..attention import AttentionStore, attention_store
-    from ..guidance import word_positions
+    from ..tokens import word_positions
 
     pipe = world.pipe
     pairs = training_pairs(world, n_pairs, seed)
@@ -730,8 +734,7 @@ def _pattern_prompt_states(world, colours: Sequence[str], nouns: Sequence[str]) 
     tok, te = world.pipe.tokenizer, world.pipe.text_encoder
     named = [p for p in render.PATTERNS if p != "plain"]
     prompts = [f"a photo of {render.article(f'{c} {p} {n}')}" for p in named for c in colours for n in nouns]
-    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids.to(te.device)
+    ids = padded_ids(tok, prompts, te.device)
     at = TEXT_POSITIONS["pattern"]
     words = [tok.convert_ids_to_tokens(int(i)) for i in ids[:, at]]
     if any(w.replace("</w>", "") not in named for w in words):
@@ -897,8 +900,7 @@ def denoising_losses(world, images: Sequence[Image.Image], prompts: dict[str, Se
                                                        device=world.device).repeat(repeats, 1, 1)[:, None]
         states = {}
         for name, ps in prompts.items():
-            ids = pipe.tokenizer(list(ps), padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids.to(world.device)
+            ids = padded_ids(pipe.tokenizer, ps, world.device)
             states[name] = pipe.text_encoder(ids)[0].repeat(repeats, 1, 1)
         gen = torch.Generator(world.device).manual_seed(seed)
         out = {name: [] for name in prompts}
@@ -1035,7 +1037,7 @@ def main(argv=None):
     old = json.loads(open(args.out).read()) if args.skip and os.path.exists(args.out) else {}
     hardware = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {world.device}"
     # "hardware" at the top: the latest run's (a run with --skip keeps the other parts); each part records its own
-    res = old | {"hardware": hardware, "command": "python -m compinv_utils.toy.evaluate"}
+    res = old | {"hardware": hardware, "command": "python -m compinv_utils.worldbuilding.quality"}
     for name, fn in parts.items():
         if name in args.skip:
             continue

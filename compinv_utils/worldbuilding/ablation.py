@@ -1,10 +1,10 @@
 """The grounding ablation: one UNet stage trained twice, with and without the token grounding loss.
 
-    python -m compinv_utils.toy.ablation --steps 1500 --out data/toy/ablation_grounding.json
+    python -m compinv_utils.worldbuilding.ablation --steps 1500 --out data/toy/ablation_grounding.json
 
 Both runs start from scratch with the same profile, seed, data and step count, on the VAE, CLIP and detector
 of ``--world`` (default: the committed toy world); the only difference is the grounding weights
-(the profile's, or both 0). Each UNet is then measured as :mod:`compinv_utils.toy.evaluate` measures the
+(the profile's, or both 0). Each UNet is then measured as :mod:`compinv_utils.worldbuilding.quality` measures the
 world: attention localisation on generated noun pairs (:func:`~.evaluate.eval_attention_localisation`) and
 single nouns / held-out pairs detected (:func:`~.evaluate.eval_generation`). The trained UNets go to
 ``--work`` (not part of the repository); the JSON keeps the numbers, the command and the training logs.
@@ -33,18 +33,18 @@ def run_ablation(world_dir: Path, work: Path, steps: int, profile: str = "cpu-fu
     returns the results (see the module docstring). ``measure_only``: measure UNets that an earlier run with
     the same arguments left in ``work`` instead of training them again."""
     from ..world import load_toy_world
-    from .evaluate import eval_attention_localisation, eval_attention_on_renderings, eval_generation
+    from .quality import eval_attention_localisation, eval_attention_on_renderings, eval_generation
     from .train import PROFILES, build_world
 
     if not (Path(world_dir) / "pipeline" / "vae").is_dir():
         raise FileNotFoundError(f"{world_dir} holds no toy world (no pipeline/vae); pass --world with a folder "
-                                "that `python -m compinv_utils.toy.train` wrote")
+                                "that `python -m compinv_utils.worldbuilding.train` wrote")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     base = replace(PROFILES[profile], unet_steps=steps)
     if not (base.ground_weight or base.ground_pixel_weight):
         raise ValueError(f"profile {profile!r} has no grounding loss to ablate; use cpu-full or gpu")
-    res = {"command": f"python -m compinv_utils.toy.ablation --steps {steps} --profile {profile} --world {world_dir} "
+    res = {"command": f"python -m compinv_utils.worldbuilding.ablation --steps {steps} --profile {profile} --world {world_dir} "
                       f"--pairs {n_pairs}" + (" --measure-only" if measure_only else ""),
            "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {dev}",
            "profile": profile, "steps": steps, "world": str(world_dir), "config": asdict(base), "variants": {}}
@@ -83,7 +83,7 @@ def main(argv=None):
     p.add_argument("--work", default="runs/ablation", help="where the two trained worlds are written")
     p.add_argument("--out", default="data/toy/ablation_grounding.json")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--cache-dir", default=None, help="the rendered data set's cache (see compinv_utils.toy.train)")
+    p.add_argument("--cache-dir", default=None, help="the rendered data set's cache (see compinv_utils.worldbuilding.train)")
     p.add_argument("--device", default="auto")
     p.add_argument("--pairs", type=int, default=24, help="generated noun pairs on which attention is measured")
     p.add_argument("--measure-only", action="store_true", help="measure the UNets an earlier run left in --work")
