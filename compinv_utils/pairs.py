@@ -15,10 +15,10 @@ from .prompts import article, pair_prompt
 
 
 def partner_nouns(world, concept, candidates: Sequence[str] | None = None, k: int | None = None) -> list[str]:
-    """The first ``k`` (default: the world's ``settings.n_partners``) candidate partner nouns (default: the world's ``settings.partners``) for ``concept``
-    (a concept of interest, or a superclass word): never its superclass, never anything seen in its user
-    photos (``concept.in_photos``; a partner the photos hold would be "found" because inversion absorbed
-    it), never a pair held out from the world's training."""
+    """The first ``k`` (default: the world's ``settings.n_partners``) candidate partner nouns (default: the world's
+    ``settings.partners``) for ``concept`` (a concept of interest, or a superclass word): never its superclass,
+    never anything seen in its user photos (``concept.in_photos``; a partner the photos hold would be "found"
+    because inversion absorbed it), never a pair held out from the world's training."""
     superclass = getattr(concept, "superclass", concept)
     seen = set(getattr(concept, "in_photos", ()))
     held = {tuple(sorted(p)) for p in world.held_out_pairs}
