@@ -11,7 +11,7 @@ import numpy as np
 
 from .measures import found
 from .progress import bar
-from .prompts import article, pair_prompt
+from .prompts import pair_prompt
 
 
 def partner_nouns(world, concept, candidates: Sequence[str] | None = None, k: int | None = None) -> list[str]:
@@ -189,7 +189,7 @@ def composition(world, subject: str, partners: Sequence[str], seeds: int = 4, se
     Returns the prompts, images, per-image partner detection and, when ``subject_noun`` is given,
     per-image detection of the subject's noun (the concept-of-interest likelihood)."""
     world.check_nouns(partners)
-    prompts = [f"{article(subject)} and {article(x)}" for x in partners for _ in range(seeds)]
+    prompts = [pair_prompt(subject, x) for x in partners for _ in range(seeds)]
     wanted = [x for x in partners for _ in range(seeds)]
     images = world.generate(prompts, seed=seed, batch_size=batch_size)
     dets = world.detect(images)
