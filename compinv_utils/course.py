@@ -76,9 +76,11 @@ def load_or_compute(path: str | Path, compute: Callable[[], Any], recompute: boo
     with locked(path):
         if path.exists() and merge is not None:
             try:
-                value = merge(read(), value)
+                on_disk, readable = read(), True
             except ValueError:  # unreadable: it was kept as the backup
-                pass
+                readable = False
+            if readable:  # an error of merge itself is not swallowed
+                value = merge(on_disk, value)
         if path.exists() and saved is None:  # another process wrote it while this one computed
             backup(path)
         write_text(path, json.dumps(value, indent=1))

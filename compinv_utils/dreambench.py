@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from .maths import unit
+from .maths import unit_features
 
 DINO_ID = "facebook/dino-vits16"  # DreamBench's DINO: ViT-S/16
 CLIP_ID = "openai/clip-vit-base-patch32"  # DreamBench's CLIP: ViT-B/32
@@ -37,10 +37,6 @@ def load_models(device: str | torch.device = "cpu") -> DreamBenchModels:
                             CLIPModel.from_pretrained(CLIP_ID).to(device).eval(), CLIPProcessor.from_pretrained(CLIP_ID))
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    return unit(x.float().cpu())
-
-
 def _check(images: Sequence[Image.Image], photos: Sequence[Image.Image] | None = None) -> None:
     if not len(images):
         raise ValueError("no generated images given")
@@ -53,7 +49,7 @@ def dino_embeddings(models: DreamBenchModels, images: Sequence[Image.Image]) -> 
     """Unit-length ``[CLS]`` embeddings ``(N, D)`` of the DINO ViT."""
     device = next(models.dino.parameters()).device
     px = models.dino_processor(images=[im.convert("RGB") for im in images], return_tensors="pt").pixel_values
-    return _unit(models.dino(pixel_values=px.to(device)).last_hidden_state[:, 0])
+    return unit_features(models.dino(pixel_values=px.to(device)).last_hidden_state[:, 0])
 
 
 @torch.no_grad()
@@ -61,7 +57,7 @@ def clip_image_embeddings(models: DreamBenchModels, images: Sequence[Image.Image
     device = next(models.clip.parameters()).device
     px = models.clip_processor(images=[im.convert("RGB") for im in images], return_tensors="pt").pixel_values
     out = models.clip.get_image_features(pixel_values=px.to(device))
-    return _unit(out if isinstance(out, torch.Tensor) else out.pooler_output)
+    return unit_features(out)
 
 
 @torch.no_grad()
@@ -69,7 +65,7 @@ def clip_text_embeddings(models: DreamBenchModels, texts: Sequence[str]) -> torc
     device = next(models.clip.parameters()).device
     ids = models.clip_processor(text=list(texts), return_tensors="pt", padding=True, truncation=True)
     out = models.clip.get_text_features(input_ids=ids.input_ids.to(device), attention_mask=ids.attention_mask.to(device))
-    return _unit(out if isinstance(out, torch.Tensor) else out.pooler_output)
+    return unit_features(out)
 
 
 def dino_score(models: DreamBenchModels, images: Sequence[Image.Image], photos: Sequence[Image.Image]) -> torch.Tensor:

@@ -224,7 +224,8 @@ def inversion_hash(folder: str | Path) -> str | None:
         st = f.stat()
         memo = (str(f.resolve()), st.st_size, st.st_mtime_ns)
         if memo not in _HASHES:
-            _HASHES[memo] = hashlib.sha256(f.read_bytes()).hexdigest()
+            with open(f, "rb") as fh:  # in chunks: a DreamBooth fit is a whole UNet
+                _HASHES[memo] = hashlib.file_digest(fh, "sha256").hexdigest()
         h.update(f.relative_to(folder).as_posix().encode() + b"\0" + _HASHES[memo].encode())
     return h.hexdigest()[:16]
 
@@ -348,11 +349,10 @@ def table1(world, partners_for, inversions: dict, layouts: Layouts, inv_seeds: S
     stored_from: dict | None = None
     dropped: set[str] = set()
     if cache is not None and cache.exists():
-        done, made_with = _read_cache(cache)
+        done, made_with, stored_from = _read_cache(cache)
         if json.loads(json.dumps(settings)) != made_with:
             raise ValueError(f"{cache} was made with other settings ({made_with}), not {settings}; "
                              "delete it or pass another cache file")
-        stored_from = json.loads(cache.read_text()).get("made_from")
         changes = _cache_changes(stored_from, made_from["world"], where)
         if changes:
             print(f"Table 1 cache {shown_path(cache)} was made from {'; '.join(changes)}: recomputing all of it "
@@ -398,7 +398,7 @@ def table1(world, partners_for, inversions: dict, layouts: Layouts, inv_seeds: S
 
 
 def stamp_cache(world, cache: str | Path, partners_for, inversions: dict, concepts=None,
-                block: str = "ti", hash_files: bool = True) -> list[str]:
+                hash_files: bool = True) -> list[str]:
     """Give a :func:`table1` cache made before provenance records its ``"made_from"`` without computing anything:
     the world, the inversion folders, and per group the partners (checked against those its records name) and the
     hashes of the inversion files as they are now (``hash_files=False``: recorded as unknown, e.g. for fits that
@@ -438,11 +438,11 @@ def table1_groups(world, methods: Sequence[str] = tuple(TABLE1_METHODS), concept
     return groups + [("concept", m, pair, s) for m in methods for pair in concept_pairs(world, concepts) for s in inv_seeds]
 
 
-def _read_cache(cache: Path) -> tuple[dict, dict]:
-    """A :func:`table1` cache's groups and the settings it was made with."""
+def _read_cache(cache: Path) -> tuple[dict, dict, dict | None]:
+    """A :func:`table1` cache's groups, the settings it was made with and what it records it was made from."""
     try:
         stored = json.loads(cache.read_text())
-        return stored["groups"], stored["settings"]
+        return stored["groups"], stored["settings"], stored.get("made_from")
     except (json.JSONDecodeError, KeyError) as e:
         raise ValueError(f"{cache} is not a Table 1 cache ({e}); move it away to recompute") from e
 

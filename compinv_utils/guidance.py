@@ -44,7 +44,7 @@ import torch
 
 from .attention import AttentionStore, attention_store
 from .layout import box_to_mask, check_box
-from .maths import ratio
+from .maths import is_whole, ratio
 from .progress import bar
 from .tokens import word_positions
 
@@ -76,7 +76,7 @@ def check_config(cfg: GuidanceConfig, num_steps: int) -> None:
     if math.isnan(cfg.stop_below):
         raise ValueError("stop_below is NaN; use 0.0 to never stop early")
     res = cfg.resolution
-    if res is not None and (isinstance(res, bool) or not isinstance(res, (int, np.integer)) or res < 1):
+    if res is not None and not is_whole(res, 1):
         raise ValueError(f"resolution must be a map height >= 1 (e.g. 16) or None, got {cfg.resolution!r}")
     if isinstance(cfg.layers, str):
         raise TypeError(f"layers must be a tuple of name parts, e.g. ({cfg.layers!r},), not a string")
@@ -399,7 +399,7 @@ def _check_inputs(world, prompts: str | Sequence[str], words, boxes, seeds: Sequ
                         f"got {words!r}")
     if len(boxes) and _depth(boxes[0]) == 0:
         raise TypeError(f"boxes must be a list of (x0, y0, x1, y1) boxes, one per word, got {list(boxes)!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    if not is_whole(batch_size, 1):
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     words, boxes = _per_prompt(words, boxes, n)
     if len(words) != n or len(boxes) != n:
@@ -410,7 +410,7 @@ def _check_inputs(world, prompts: str | Sequence[str], words, boxes, seeds: Sequ
         raise ValueError(f"{len(seeds)} seeds for {n} prompts")
     steps = world.num_inference_steps if steps is None else steps
     cfg_scale = world.guidance_scale if cfg_scale is None else cfg_scale
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+    if not is_whole(steps, 1):
         raise ValueError(f"num_inference_steps must be >= 1 (an integer), got {steps!r} (None: the world's "
                          f"{world.num_inference_steps})")
     objective = as_objective(config)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .maths import is_whole
 from .progress import bar as progress_bar
 from .tokens import padded_ids, placeholder_tokens
 
@@ -233,7 +234,7 @@ def check_config(config: InversionConfig) -> None:
     """Raise ``ValueError`` (saying what to change) for settings :func:`invert` cannot run with."""
     def whole(name: str, lo: int) -> None:
         v = getattr(config, name)
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+        if not is_whole(v, lo):
             raise ValueError(f"InversionConfig.{name} must be an integer >= {lo}, got {v!r}")
 
     for name in ("steps", "batch_size", "num_vectors", "checkpoint_every"):
@@ -472,7 +473,7 @@ def invert_with(pipe, photos: Sequence[Image.Image], token: str, superclass: str
     else:
         raise ValueError(f"placeholder token {token!r} is already in the vocabulary; call unload(pipe, {token!r}) "
                          "or choose another name")
-    handle, alphas = None, pipe.scheduler.alphas_cumprod  # add_noise moves the scheduler's ᾱ to the latents' device
+    handle = None
     try:
         emb = pipe.text_encoder.get_input_embeddings()  # resize_token_embeddings made a new one
         rows = torch.nn.Parameter(emb.weight[ids].detach().float().clone())
@@ -491,7 +492,6 @@ def invert_with(pipe, photos: Sequence[Image.Image], token: str, superclass: str
             unload(pipe, token)
         raise
     finally:
-        pipe.scheduler.alphas_cumprod = alphas
         if handle is not None:
             handle.remove()
     return result

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .maths import cosine
+from .maths import cosine, is_whole
 from .progress import bar
 
 Box = tuple[float, float, float, float]
@@ -167,7 +167,7 @@ def _state(path: Path) -> tuple[list[dict], int, list[str], set[str] | None]:
     return records, bad, _lines(done_path), set(_lines(missed_path)) if missed_path.exists() else None
 
 
-def _finished(path: Path, records: list[dict], bad: int, done: list[str], missed: set[str] | None) -> tuple[set[str], str]:
+def _finished(path: Path, records: list[dict], done: list[str], missed: set[str] | None) -> tuple[set[str], str]:
     """The keys of the jobs that need no work, and a warning ("" when none) when jobs marked tried must be made
     again because their records are gone (a deleted, emptied or corrupt records file)."""
     done_path = _sidecars(path)[0]
@@ -244,7 +244,7 @@ def generate_records(world, jobs: Sequence[Job], path: str | Path, batch_size: i
     jobs = list(jobs)
     if not all(isinstance(j, Job) for j in jobs):
         raise TypeError("jobs must be a list of Job (see layout_jobs)")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    if not is_whole(batch_size, 1):
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold is a detection score and must be in [0, 1], got {threshold}")
@@ -258,7 +258,7 @@ def generate_records(world, jobs: Sequence[Job], path: str | Path, batch_size: i
                          "move it away or pass another path")
     if bad:
         warnings.warn(f"{path}: skipped {bad} corrupt or partial line(s); {len(records)} records kept")
-    finished, lost = _finished(path, records, bad, done, missed)
+    finished, lost = _finished(path, records, done, missed)
     if lost:
         warnings.warn(lost)
     todo = [j for j in jobs if j.key not in finished]
@@ -271,8 +271,8 @@ def generate_records(world, jobs: Sequence[Job], path: str | Path, batch_size: i
     for i in bar(range(0, len(todo), batch_size), desc="layout data", progress=progress):
         chunk = todo[i:i + batch_size]
         with locked(path):  # another process sharing the file may have done some of them meanwhile
-            now = _state(path)
-        chunk = [j for j in chunk if j.key not in _finished(path, *now)[0]]
+            now_records, _, now_done, now_missed = _state(path)
+        chunk = [j for j in chunk if j.key not in _finished(path, now_records, now_done, now_missed)[0]]
         if not chunk:
             continue
         images = world.generate([j.prompt() for j in chunk], seeds=[j.seed for j in chunk], batch_size=batch_size)

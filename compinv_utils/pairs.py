@@ -9,6 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .maths import is_whole
 from .measures import found
 from .progress import bar
 from .prompts import pair_prompt
@@ -47,21 +48,20 @@ def pair_detection_table(world, pairs: Sequence[tuple[str, str]] | None = None, 
     return out
 
 
-def _read_pair_tables(path) -> dict[int, dict[str, dict]]:
-    """A pair-table cache as ``{seeds: {"a|b": {...}}}``, the main table first, then those of other seed counts."""
+def _read_pair_tables(path) -> tuple[dict[int, dict[str, dict]], dict]:
+    """A pair-table cache as ``{seeds: {"a|b": {...}}}`` (the main table first, then those of other seed counts),
+    and the file's whole content."""
     try:
         data = json.loads(path.read_text())
         tables = {int(data["seeds"]): dict(data["pairs"])}
         for n, t in data.get("other_seeds", {}).items():
             tables.setdefault(int(n), {}).update(t["pairs"])
-        return tables
+        return tables, data
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"the pair table {path} is not a pair-table cache ({type(exc).__name__}: {exc})") from exc
 
 
 def _write_pair_tables(path, tables: dict[int, dict], main: int, world: dict | None = None) -> None:
-    import json
-
     from .files import write_text
 
     data = {"seeds": main, "pairs": tables[main]}
@@ -92,7 +92,7 @@ def load_or_compute_pair_table(world, path, nouns: Sequence[str] | None = None, 
     from .paths import shown_path
     from .world import world_identity
 
-    if isinstance(seeds, bool) or not isinstance(seeds, (int, np.integer)) or seeds < 1:
+    if not is_whole(seeds, 1):
         raise ValueError(f"seeds must be an integer >= 1 (images per pair), got {seeds!r}")
     seeds = int(seeds)
     path = Path(path)
@@ -110,8 +110,8 @@ def load_or_compute_pair_table(world, path, nouns: Sequence[str] | None = None, 
         if not path.exists():
             return {}
         try:
-            tables = _read_pair_tables(path)
-            made_in = (json.loads(path.read_text()).get("made_from") or {}).get("world")
+            tables, data = _read_pair_tables(path)
+            made_in = (data.get("made_from") or {}).get("world")
         except ValueError as exc:
             if announce:
                 print(f"{exc}; it is kept as {backup(path).name} and the table is computed again")
@@ -165,10 +165,9 @@ def stamp_pair_table(world, path) -> bool:
 
     path = Path(path)
     with locked(path):
-        data = json.loads(path.read_text())
+        tables, data = _read_pair_tables(path)
         if data.get("made_from"):
             return False
-        tables = _read_pair_tables(path)
         _write_pair_tables(path, tables, int(data["seeds"]), world_identity(world))
     return True
 

@@ -130,7 +130,7 @@ def attention_overlays(image: Image.Image | Sequence[Image.Image], maps, titles:
 
 def place_labels(ax, xy, labels: Sequence[str], fontsize: float = 7, color: str = "black", **kwargs) -> list:
     """Write ``labels`` beside the points ``xy`` ``(N, 2)`` (data coordinates), each at the first of eight
-    offsets where it overlaps no label already placed (greedy; the last offset tried is kept when none is
+    offsets where it overlaps no label already placed (greedy; the first offset is kept when none is
     free). Returns the text objects."""
     fig = ax.figure
     fig.canvas.draw()  # the axis limits and the renderer, to measure the labels

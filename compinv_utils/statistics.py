@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .maths import is_whole
+
 
 def _cells(values, clusters, subclusters) -> tuple[list[np.ndarray], list[np.ndarray], float]:
     """Per cluster, the sums and counts of its subclusters' values (NaN values dropped), and the mean."""
@@ -149,7 +151,7 @@ def bootstrap_diff_ci(a, b, n_boot: int = 2000, level: float = 0.95, seed: int =
 
 
 def _check_bootstrap(n_boot: int, level: float, *samples: np.ndarray) -> None:
-    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+    if not is_whole(n_boot, 1):
         raise ValueError(f"n_boot must be an integer >= 1, got {n_boot!r}")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), e.g. 0.95, got {level}")

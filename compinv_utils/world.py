@@ -19,7 +19,7 @@ from PIL import Image
 
 from .concepts import ConceptOfInterest, concepts_from_folder
 from .detection import Detection, best_box, crop, detr_detector, toy_detector
-from .maths import unit
+from .maths import is_whole, unit_features
 from .paths import data_root
 from .runtime import check_device, load_part, pick_device, quiet_loading
 from .tokens import padded_ids
@@ -145,14 +145,14 @@ class World:
     def text_features(self, texts: Sequence[str]) -> torch.Tensor:
         """L2-normalised CLIP text features, ``(N, D)`` float32 on the CPU."""
         out = self.clip_model.get_text_features(input_ids=padded_ids(self.clip_tokenizer, texts, self.device))
-        return _normalised(out)
+        return unit_features(out)
 
     @torch.no_grad()
     def image_features(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """L2-normalised CLIP image features, ``(N, D)`` float32 on the CPU."""
         px = self.clip_processor(images=[im.convert("RGB") for im in images], return_tensors="pt").pixel_values
         out = self.clip_model.get_image_features(pixel_values=px.to(self.device, self.clip_model.dtype))
-        return _normalised(out)
+        return unit_features(out)
 
     # -- generating ------------------------------------------------------------------------------
 
@@ -168,12 +168,12 @@ class World:
         seeds = list(range(seed, seed + len(prompts))) if seeds is None else list(seeds)
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        if not is_whole(batch_size, 1):
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         kwargs.setdefault("num_inference_steps", self.num_inference_steps)
         kwargs.setdefault("guidance_scale", self.guidance_scale)
         steps, scale = kwargs["num_inference_steps"], kwargs["guidance_scale"]
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        if not is_whole(steps, 1):
             raise ValueError(f"num_inference_steps must be >= 1 (an integer), got {steps!r} (the world's default is "
                              f"{self.num_inference_steps})")
         if not math.isfinite(scale) or scale < 1:
@@ -209,11 +209,6 @@ def weights_hash(world: World, half: bool = True) -> str:
 def world_identity(world: World) -> dict:
     """What a cache records of the world it was made in: its name and :func:`weights_hash`."""
     return {"name": world.name, "fingerprint": weights_hash(world)}
-
-
-def _normalised(out) -> torch.Tensor:
-    feats = out if isinstance(out, torch.Tensor) else out.pooler_output
-    return unit(feats.float().cpu())
 
 
 # ---------------------------------------------------------------------------------------------

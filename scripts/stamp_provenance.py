@@ -53,8 +53,7 @@ def main(argv=None) -> None:
         settings = json.loads(cache.read_text())["settings"]
         method = settings.get("inversion_method", "ti")
         folders = inversion_folders(world, settings)
-        left = V.stamp_cache(world, cache, lambda c: partner_nouns(world, c), folders, inversion_method=method,
-                             hash_files=method == "ti")
+        left = V.stamp_cache(world, cache, lambda c: partner_nouns(world, c), folders, hash_files=method == "ti")
         print(f"{shown_path(cache)}: {'; '.join(f'{k} -> {shown_path(v)}' for k, v in folders.items())}"
               + (f"; left unstamped (recomputed by table1): {left}" if left else ""))
     pairs = Path(world.data_dir) / "pair_table.json"

@@ -268,9 +268,9 @@ class CustomDiffusion:
         original = dict(unet.attn_processors)
         from ..runtime import quiet_loading
 
-        read_weights(unet, folder / WEIGHT_NAME)  # a truncated file or one of another model: an error naming it
+        state = read_weights(unet, folder / WEIGHT_NAME)  # a truncated file or one of another model: an error naming it
         with quiet_loading():  # the loader casts the UNet to its own dtype, and diffusers warns about any cast
-            unet.load_attn_procs(str(folder), weight_name=WEIGHT_NAME, _pipeline=pipe)
+            unet.load_attn_procs(state, _pipeline=pipe)
         def check():
             if not any(isinstance(p, custom_diffusion_types()) for p in unet.attn_processors.values()):
                 raise RuntimeError(f"diffusers' load_attn_procs did not install the processors of {folder} "

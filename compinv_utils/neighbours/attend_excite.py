@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from ..guidance import GuidanceConfig, GuidedOutput, Objective, _layer_maps, guided_generate
+from ..maths import is_whole
 
 FULL_BOX = (0.0, 0.0, 1.0, 1.0)
 
@@ -75,7 +76,7 @@ def check_config(config: AttendExciteConfig) -> None:
         raise TypeError(f"config must be an AttendExciteConfig, got {type(config).__name__}")
     for name in ("max_iter_to_alter", "reference_steps", "max_refinement_steps", "kernel_size"):
         v = getattr(config, name)
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+        if not is_whole(v, 0):
             raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
     if config.reference_steps < 1:
         raise ValueError(f"reference_steps must be >= 1 (the official schedule has 50), got {config.reference_steps}")
@@ -85,7 +86,7 @@ def check_config(config: AttendExciteConfig) -> None:
         raise TypeError(f"thresholds must be a dict step -> threshold, e.g. {{0: 0.05, 10: 0.5}}, got "
                         f"{config.thresholds!r}")
     for k, v in config.thresholds.items():
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+        if not is_whole(k, 0):
             raise ValueError(f"threshold steps must be integers >= 0, got {k!r}")
         if not 0 <= v <= 1:
             raise ValueError(f"the threshold at step {k} must be a max attention in [0, 1], got {v!r}")
@@ -101,7 +102,7 @@ def check_config(config: AttendExciteConfig) -> None:
     if not (config.temperature > 0 and math.isfinite(config.temperature)):
         raise ValueError(f"temperature must be a finite number > 0 (official 100), got {config.temperature}")
     res = config.resolution
-    if res is not None and (isinstance(res, bool) or not isinstance(res, (int, np.integer)) or res < 1):
+    if res is not None and not is_whole(res, 1):
         raise ValueError(f"resolution must be a map height >= 1 (e.g. 16) or None, got {res!r}")
 
 
@@ -209,7 +210,7 @@ def attend_and_excite(world, prompts: Sequence[str], words, seeds: Sequence[int]
     it. ``losses`` holds ``L`` before every update; with ``record=True``, ``maps`` as in :func:`guided_generate`
     and ``scores`` ``(steps, n_images, n_words)``: each word's smoothed max attention (its weakest token's) in the
     classifier-free pass of every step; ``inside`` is None (no boxes)."""
-    check_config(config)
+    objective = AttendExcite(config)  # checks the config first
     prompts_l = [prompts] if isinstance(prompts, str) else list(prompts)
     if isinstance(words, str):
         raise TypeError(f"words must be a list of words (e.g. ['cat', 'kite']) or one such list per prompt, "
@@ -218,7 +219,7 @@ def attend_and_excite(world, prompts: Sequence[str], words, seeds: Sequence[int]
     if any(not w for w in per_prompt) or not per_prompt:
         raise ValueError("every prompt needs at least one subject word to excite")
     boxes = [[FULL_BOX] * len(w) for w in per_prompt]  # no boxes: the sampler's box checks see the whole image
-    out = guided_generate(world, prompts_l, per_prompt, boxes, seeds=seeds, seed=seed, config=AttendExcite(config),
+    out = guided_generate(world, prompts_l, per_prompt, boxes, seeds=seeds, seed=seed, config=objective,
                           batch_size=batch_size, num_inference_steps=num_inference_steps,
                           guidance_scale=guidance_scale, height=height, width=width, record=record, progress=progress)
     out.inside = None

@@ -95,6 +95,7 @@ class SemanticPreservationLoss:
         self.lam, self.template, self.feature = float(lam), template, feature
         self.reference = template.format(self.superclass)
         self._ids: dict = {}
+        self._reference_feature: torch.Tensor | None = None  # f of the class prompt (no placeholder: computed once)
         self.last_log: dict = {}
 
     @classmethod
@@ -125,9 +126,10 @@ class SemanticPreservationLoss:
         (ids_obj, i_obj), (ids_ref, i_ref) = self._positions(n_vectors)
         te = self.pipe.text_encoder
         f_obj = te(ids_obj[None].to(te.device))[0][0, i_obj]
-        with torch.no_grad():
-            f_ref = te(ids_ref[None].to(te.device))[0][0, i_ref]
-        return f_obj, f_ref
+        if self._reference_feature is None:
+            with torch.no_grad():
+                self._reference_feature = te(ids_ref[None].to(te.device))[0][0, i_ref]
+        return f_obj, self._reference_feature
 
     def __call__(self, rec: torch.Tensor, rows: torch.Tensor, step: int) -> torch.Tensor:
         if rows.dim() != 2:

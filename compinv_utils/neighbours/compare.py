@@ -35,6 +35,7 @@ from ..inversion import InversionConfig, invert, invert_or_load, load_embedding,
 from ..measures import found
 from ..pairs import partner_nouns
 from ..progress import bar
+from ..semantic import invert_cached, variant_root
 from ..prompts import article, pair_prompt
 from .attend_excite import AttendExcite
 from .classdiffusion import SemanticPreservationLoss
@@ -75,42 +76,50 @@ def make_guidance(name: str):
 
 def plain_root(world) -> Path:
     """Plain TI's inversions (chapter 01's)."""
-    return Path(world.data_dir) / "inversions" / "plain"
+    return variant_root(world, "plain")
 
 
 def inversion_root(world, name: str) -> Path:
     """Where the inversions of loss ``name`` live (the anchors': chapter 03's, at the world's λ)."""
     if name == "anchors":
-        return Path(world.data_dir) / "inversions" / "semantic" / f"lambda{world.settings.lam:g}"
+        return variant_root(world, "semantic", world.settings.lam)
     return root(world) / "inversions" / name
 
 
 def invert_neighbour(world, concept, name: str, seed: int = 0, recompute: bool = False) -> Path:
-    """``concept`` inverted with loss ``name`` (the world's inversion budget), loaded into the pipeline; cached."""
+    """``concept`` inverted with loss ``name`` (the world's inversion budget), loaded into the pipeline; cached.
+    The anchors' inversions are chapter 03's (:func:`~compinv_utils.semantic.invert_cached`)."""
+    if name == "anchors":
+        path = invert_cached(world, concept, "semantic", world.settings.lam, seed, recompute=recompute)
+        load_embedding(world.pipe, path)
+        return path
+    path = inversion_file(inversion_root(world, name), concept.name, seed)
+    loss = make_loss(world, concept, name) if recompute or not path.exists() else None  # built only to invert
     config = InversionConfig(steps=world.settings.inversion_steps, seed=seed)
-    folder = inversion_file(inversion_root(world, name), concept.name, seed).parent.parent  # <root>/seed<s>
-    return invert_or_load(world.pipe, concept, config, folder, recompute=recompute,
-                          loss_fn=make_loss(world, concept, name), progress=False)
+    return invert_or_load(world.pipe, concept, config, inversion_root(world, name) / f"seed{seed}",
+                          recompute=recompute, loss_fn=loss, progress=False)
 
 
 def semantic_table(world, name: str, inv_seeds: Sequence[int] = (0,), recompute: bool = False,
-                   progress: bool = False) -> list[dict]:
-    """Table 1's ``+semantic`` records with loss ``name``'s inversions (made where missing)."""
+                   progress: bool = False, layouts=None) -> list[dict]:
+    """Table 1's ``+semantic`` records with loss ``name``'s inversions (made where missing); ``layouts``: the
+    loaded layout MLP (default: loaded here)."""
     for s in inv_seeds:
         for c in world.concepts_of_interest:
             invert_neighbour(world, c, name, s, recompute=recompute)
             unload(world.pipe, c.token)
     seeds = world.settings.gen_seeds
-    return table1(world, lambda c: partner_nouns(world, c), {"semantic": inversion_root(world, name)}, load_layouts(world),
-                  inv_seeds=tuple(inv_seeds), seeds=seeds, pair_seeds=seeds, methods=("+semantic",),
+    return table1(world, lambda c: partner_nouns(world, c), {"semantic": inversion_root(world, name)},
+                  layouts or load_layouts(world), inv_seeds=tuple(inv_seeds), seeds=seeds, pair_seeds=seeds, methods=("+semantic",),
                   cache=root(world) / f"table1_{name}.json", progress=progress)
 
 
-def spatial_table(world, name: str, inv_seeds: Sequence[int] = (0,), progress: bool = False) -> list[dict]:
+def spatial_table(world, name: str, inv_seeds: Sequence[int] = (0,), progress: bool = False,
+                  layouts=None) -> list[dict]:
     """Table 1's ``+spatial`` records with guidance ``name`` on plain TI's inversions (chapter 01's)."""
     seeds = world.settings.gen_seeds
     return table1(world, lambda c: partner_nouns(world, c), {"plain": plain_root(world)},
-                  load_layouts(world), inv_seeds=tuple(inv_seeds), seeds=seeds, pair_seeds=seeds,
+                  layouts or load_layouts(world), inv_seeds=tuple(inv_seeds), seeds=seeds, pair_seeds=seeds,
                   methods=("+spatial",), guidance=make_guidance(name), cache=root(world) / f"table1_{name}.json",
                   progress=progress)
 
@@ -120,7 +129,8 @@ ROWS = {"TI": ("TI", None), "+semantic (anchors)": ("+semantic", "anchors"), "Co
         "Attend-and-Excite": ("+spatial", "attend_excite"), "layout guidance": ("+spatial", "layout_guidance")}
 
 
-def row_images(world, label: str, concept, inv_seed: int = 0, seeds: int = 1) -> tuple[list, list[dict]]:
+def row_images(world, label: str, concept, inv_seed: int = 0, seeds: int = 1,
+               layouts=None) -> tuple[list, list[dict]]:
     """The images and records of one row of :data:`ROWS` for ``concept`` with its partner nouns (as
     :func:`~compinv_utils.evaluation.evaluate_group` makes them; nothing cached)."""
     from ..evaluation import evaluate_group
@@ -135,7 +145,7 @@ def row_images(world, label: str, concept, inv_seed: int = 0, seeds: int = 1) ->
     guidance = make_guidance(name) if method == "+spatial" else GuidanceConfig()
     images: list = []
     records = evaluate_group(world, "noun", method, [concept], partner_nouns(world, concept), seeds, inversions, inv_seed,
-                             load_layouts(world), guidance=guidance, images_out=images)
+                             layouts or load_layouts(world), guidance=guidance, images_out=images)
     return images, records
 
 
@@ -144,11 +154,11 @@ def dreambench_rows(world, models, labels: Sequence[str] = tuple(ROWS), inv_seed
     partners: ``{label: {"dino", "clip_i", "clip_t"}}``, each the mean over the concepts' means."""
     from ..dreambench import clip_i_score, clip_t_score, dino_score
 
-    out = {}
+    out, layouts = {}, load_layouts(world)
     for label in labels:
         per = []
         for c in world.concepts_of_interest:
-            images, records = row_images(world, label, c, inv_seed, seeds)
+            images, records = row_images(world, label, c, inv_seed, seeds, layouts)
             texts = [pair_prompt(*r["objects"]) for r in records]
             per.append([float(dino_score(models, images, c.photos).mean()),
                         float(clip_i_score(models, images, c.photos).mean()),
@@ -173,7 +183,8 @@ def table_records(world, inv_seed: int = 0) -> list[dict]:
         if name in (None, "anchors", "spatial"):  # the paper's rows: chapter 06's records
             recs = base
         else:
-            recs = semantic_table(world, name) if method == "+semantic" else spatial_table(world, name)
+            recs = (semantic_table(world, name, (inv_seed,), layouts=layouts) if method == "+semantic" else
+                    spatial_table(world, name, (inv_seed,), layouts=layouts))
         out += [r | {"method": label} for r in recs if r["method"] == method and r["inv_seed"] == inv_seed]
     return out
 

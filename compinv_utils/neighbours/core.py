@@ -66,7 +66,7 @@ import torch.nn.functional as F
 
 from ..attention import AttentionStore, attention_store
 from ..inversion import prepare_photos
-from ..maths import TINY
+from ..maths import TINY, is_whole
 from ..tokens import padded_ids, require_placeholder
 
 SCENE_PROMPTS = ("a {} on grass", "a {} in the snow", "a {} on water", "a {} in the sky", "a {} in a room")
@@ -144,7 +144,7 @@ class CoReLoss:
         if norm_target not in NORM_TARGETS:
             raise ValueError(f"unknown norm_target {norm_target!r}; choose one of {NORM_TARGETS}")
         for name, v in (("attn_batch", attn_batch), ("seed", seed)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (1 if name == "attn_batch" else 0):
+            if not is_whole(v, 1 if name == "attn_batch" else 0):
                 raise ValueError(f"{name} must be an integer >= {1 if name == 'attn_batch' else 0}, got {v!r}")
         if rescale is not None:
             ok = (isinstance(rescale, (tuple, list)) and len(rescale) == 2
@@ -174,6 +174,8 @@ class CoReLoss:
                 self.latents = vae.encode(pixels).latent_dist.mean.float().cpu() * vae.config.scaling_factor
         self._scale: float | None = None  # the norm the rescaling holds (state, saved in checkpoints)
         self._ids: dict = {}
+        self._references: dict = {}  # prompt -> the text encoder's output for the class prompt (frozen: once)
+        self._vocabulary_norm: float | None = None
         self.last_log: dict = {}
 
     @classmethod
@@ -245,8 +247,7 @@ class CoReLoss:
         z0 = self.latents[idx]
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, sched.config.num_train_timesteps, (self.attn_batch,), generator=g)
-        a = sched.alphas_cumprod[t].float().view(-1, 1, 1, 1)
-        return a.sqrt() * z0 + (1 - a).sqrt() * noise, t
+        return sched.add_noise(z0, noise, t), t
 
     def attention_means(self, ids: torch.Tensor, ctx: list[int], zt: torch.Tensor, t: torch.Tensor) -> list:
         """Per cross-attention layer, the context tokens' attention averaged over heads and pixels ``(B, |C|)``
@@ -267,9 +268,11 @@ class CoReLoss:
             return
         with torch.no_grad():
             if self.norm_target == "vocabulary":
-                table = self.pipe.text_encoder.get_input_embeddings().weight
-                base = table[:self.pipe.tokenizer.vocab_size].detach().float()
-                target = float(base.norm(dim=-1).mean())
+                if self._vocabulary_norm is None:  # the vocabulary's rows never change during an inversion
+                    table = self.pipe.text_encoder.get_input_embeddings().weight
+                    base = table[:self.pipe.tokenizer.vocab_size].detach().float()
+                    self._vocabulary_norm = float(base.norm(dim=-1).mean())
+                target = self._vocabulary_norm
                 rows.mul_((target / rows.norm(dim=-1, keepdim=True).clamp_min(TINY)).to(rows.dtype))
                 return
             if step == start or self._scale is None:  # a resume without state records the norm where it starts
@@ -288,8 +291,10 @@ class CoReLoss:
         out = {"prompt": prompt}
         if self.emb_weight > 0:
             h_obj = te(obj[None].to(te.device))[0][0]
-            with torch.no_grad():
-                h_ref = te(ref[None].to(te.device))[0][0]
+            if prompt not in self._references:  # the class prompt holds no placeholder: its output never changes
+                with torch.no_grad():
+                    self._references[prompt] = te(ref[None].to(te.device))[0][0]
+            h_ref = self._references[prompt]
             out["emb"] = context_embedding_loss(h_obj[ctx_obj], h_ref[ctx_ref], self.cosine)
         if self.attn_weight > 0:
             zt, t = self.noisy_latents(step)

@@ -47,6 +47,7 @@ import torch
 from ..guidance import (GuidanceConfig, GuidedOutput, Objective, guided_generate, guided_step_count,
                         localisation_loss)
 from ..layout import box_to_mask
+from ..maths import is_whole
 
 # between the 10th (t = 819.18) and the 11th (799.20) of 51 LMS steps (linspace(0, 999, 51) reversed); a midpoint,
 # so that float32 timesteps compare as intended
@@ -81,7 +82,7 @@ def check_config(config: LayoutGuidanceConfig, num_steps: int | None = None) -> 
     if math.isnan(config.loss_threshold):
         raise ValueError("loss_threshold is NaN; use a number (official 0.2; below 0 never stops early)")
     res = config.resolution
-    if res is not None and (isinstance(res, bool) or not isinstance(res, (int, np.integer)) or res < 1):
+    if res is not None and not is_whole(res, 1):
         raise ValueError(f"resolution must be a map height >= 1 (e.g. 16) or None, got {res!r}")
 
 
@@ -146,7 +147,6 @@ def layout_guidance(world, prompts: Sequence[str], words, boxes, seeds: Sequence
     ``seed + i``) and the initial noise of :meth:`World.generate`, so ``guided_steps=0`` reproduces it. Returns
     :class:`GuidedOutput` as :func:`guided_generate` does (``losses``: the energy before every update; with
     ``record=True``, ``inside``: each word's attention share inside its box at every step)."""
-    check_config(config)
     return guided_generate(world, prompts, words, boxes, seeds=seeds, seed=seed, config=LayoutGuidance(config),
                            batch_size=batch_size, num_inference_steps=num_inference_steps,
                            guidance_scale=guidance_scale, height=height, width=width, record=record,
